@@ -1,0 +1,79 @@
+"""Command line entry: parse, validate, run the job, print the summary, return the exit code."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from resnet_features.config import ConfigError, config_from_args, get_args_parser
+from resnet_features.models import (WeightsError, hub_checkpoint_path, is_named_weights,
+                                    named_weights)
+from resnet_features.reader import InputError
+
+__all__ = ["main"]
+
+log = logging.getLogger("resnet_features")
+
+EXIT_USAGE = 2
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _apply_demo(args) -> None:
+    """--demo: sample photos and local folders, and weights that need no network."""
+    from resnet_features.samples import write_samples
+
+    args.input = args.input or os.path.join("demo", "images")
+    args.output = args.output or os.path.join("demo", "output")
+    args.overwrite = True
+    if not os.path.isdir(args.input) or not os.listdir(args.input):
+        write_samples(args.input)
+    if is_named_weights(args.weights):
+        path = hub_checkpoint_path(named_weights(args.model, args.weights))
+        if not os.path.exists(path):
+            log.warning(
+                "DEMO: pretrained weights for %s are not in the torch hub cache (%s) and this "
+                "demo does not download them, so it runs with --weights random: the pipeline "
+                "is real, the labels and embeddings are not. Copy the file there (or pass "
+                "--weights PATH) for meaningful output.", args.model, path)
+            args.weights = "random"
+
+
+def summary_paragraph(s: dict) -> str:
+    by_stage = ", ".join(f"{k}: {v}" for k, v in sorted(s["failed_by_stage"].items())) or "none"
+    return (
+        f"{s['status'].upper()}: {s['inputs']} images from {s['input']} -> {s['output']}; "
+        f"{s['succeeded']} succeeded, {s['failed']} failed (by stage: {by_stage}). "
+        f"Model {s['model']} ({s['weights']}), task {s['task']}, {s['device']} "
+        f"{s['precision']}, {s['elapsed_seconds']:.1f}s, {s['images_per_second']:.1f} images/s; "
+        f"{len(s['files'])} data files, {len(s['error_files'])} error files. {s['reason']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        _apply_demo(args)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from resnet_features.pipeline import OutputExistsError, run  # imports Ray: after validation
+
+    try:
+        result = run(cfg)
+    except (WeightsError, InputError, OutputExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(summary_paragraph(result.summary))
+    if result.exit_code:
+        print(f"error: {result.reason}", file=sys.stderr)
+    return result.exit_code

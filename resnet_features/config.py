@@ -1,0 +1,182 @@
+"""Configuration: the CLI, and the one frozen, validated config every stage is built from."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from resnet_features.models import MODEL_NAMES
+
+__all__ = ["ConfigError", "ExtractConfig", "get_args_parser", "config_from_args"]
+
+
+class ConfigError(ValueError):
+    """A bad command line; the message says which flag and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    input: str
+    output: str
+    model: str = "resnet50"
+    weights: str = "DEFAULT"
+    preprocess_from: str | None = None
+    weights_sha256: str | None = None
+    task: str = "both"
+    top_k: int = 5
+    batch_size: int | None = None  # None: 256 on GPU, 32 on CPU
+    device: str = "auto"
+    precision: str = "auto"
+    concurrency: int | None = None  # model actors; None: one per GPU (GPU) or 1 (CPU)
+    num_gpus_per_worker: float = 1.0
+    num_cpus_per_worker: float | None = None  # CPU model actors; None: half the cluster's CPUs
+    decode_batch_size: int = 16
+    decode_num_cpus: float = 1.0
+    rows_per_file: int = 50_000
+    max_error_rate: float = 1.0
+    max_image_pixels: int | None = None  # None: Pillow's default limit
+    max_image_bytes: int = 256 * 1024 * 1024
+    draft_factor: float = 2.0
+    compile: bool = False
+    overwrite: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as recorded in outputs: storage options (credentials) are redacted."""
+        d = asdict(self)
+        d["storage_options"] = sorted(self.storage_options)  # keys only, never values
+        return d
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="extract.py",
+        description="Extract ResNet top-k classifications and/or pooled embeddings from a folder "
+        "of images into Parquet, with a Ray Data streaming pipeline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--input", help="folder of images: local path or fsspec URI (s3://bucket/"
+                    "prefix, ...); listed recursively, extensions jpg/jpeg/png/webp/bmp/gif/tif/"
+                    "tiff in any case")
+    io.add_argument("--output", help="output folder (local path or fsspec URI) for Parquet parts, "
+                    "_errors/ and the _SUCCESS run summary")
+    io.add_argument("--overwrite", action="store_true",
+                    help="replace an existing output folder (otherwise the job refuses to write "
+                    "into one that already holds files)")
+    io.add_argument("--rows-per-file", type=int, default=50_000,
+                    help="input images per output part file")
+    io.add_argument("--storage-options", default=None,
+                    help="JSON object passed to fsspec for input, output and weights URIs, e.g. "
+                    "'{\"anon\": true}'; values never appear in logs or outputs")
+    io.add_argument("--demo", action="store_true",
+                    help="write sample photos (from scikit-image) to ./demo/images and extract "
+                    "them to ./demo/output, unless --input/--output say otherwise; uses the "
+                    "torch hub cache's weights when present, else --weights random (said loudly)")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="resnet50", choices=MODEL_NAMES,
+                   help="torchvision model name")
+    m.add_argument("--weights", default="DEFAULT",
+                   help="torchvision weights name (DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2), a "
+                   "path or fsspec URI of a state_dict file (loaded with weights_only=True), or "
+                   "'random' (smoke tests only; recorded as such)")
+    m.add_argument("--preprocess-from", default=None,
+                   help="weights entry whose preprocessing and categories go with a state_dict "
+                   "file (default: the model's DEFAULT entry)")
+    m.add_argument("--weights-sha256", default=None,
+                   help="expected sha256 of the --weights state_dict file")
+    m.add_argument("--task", default="both", choices=("embed", "classify", "both"),
+                   help="what to compute; one forward pass serves both")
+    m.add_argument("--top-k", type=int, default=5, help="classes per image for classify")
+    r = p.add_argument_group("execution")
+    r.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="auto: GPU when the Ray cluster has one, else CPU (said in the log)")
+    r.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: bf16 autocast on GPU (fp16 where bf16 is unsupported), fp32 on CPU")
+    r.add_argument("--batch-size", type=int, default=None,
+                   help="images per model call (default 256 on GPU, 32 on CPU)")
+    r.add_argument("--concurrency", type=int, default=None,
+                   help="model actors in the pool (default: number of GPUs on GPU, 1 on CPU)")
+    r.add_argument("--num-gpus-per-worker", type=float, default=1.0,
+                   help="GPUs reserved by each model actor (fractions share a GPU)")
+    r.add_argument("--num-cpus-per-worker", type=float, default=None,
+                   help="CPUs reserved by each CPU model actor (default: half the cluster's CPUs, "
+                   "at least 1)")
+    r.add_argument("--decode-batch-size", type=int, default=16,
+                   help="images per read+decode task call")
+    r.add_argument("--decode-num-cpus", type=float, default=1.0,
+                   help="CPUs reserved by each read+decode task")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model in each actor")
+    e = p.add_argument_group("errors and limits")
+    e.add_argument("--max-error-rate", type=float, default=1.0,
+                   help="exit non-zero when failed/inputs exceeds this (rows and errors are "
+                   "written first)")
+    e.add_argument("--max-image-pixels", type=int, default=None,
+                   help="decompression-bomb limit in pixels (default: Pillow's, ~89 MP)")
+    e.add_argument("--max-image-bytes", type=int, default=256 * 1024 * 1024,
+                   help="files larger than this are error rows, never opened")
+    e.add_argument("--draft-factor", type=float, default=2.0,
+                   help="decode JPEGs at reduced DCT scale when they are at least this many "
+                   "times the resize target (0 disables)")
+    return p
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+
+
+def config_from_args(args: argparse.Namespace) -> ExtractConfig:
+    """Validate parsed arguments into an ExtractConfig; raises ConfigError saying what to fix."""
+    if not args.input or not args.output:
+        raise ConfigError("--input and --output are required (or use --demo)")
+    try:
+        storage_options = json.loads(args.storage_options) if args.storage_options else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--storage-options is not valid JSON: {exc}") from None
+    if not isinstance(storage_options, dict):
+        raise ConfigError("--storage-options must be a JSON object")
+    for name in ("top_k", "batch_size", "concurrency", "num_gpus_per_worker",
+                 "num_cpus_per_worker", "decode_batch_size", "decode_num_cpus", "rows_per_file",
+                 "max_image_pixels", "max_image_bytes"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if not 0.0 <= args.max_error_rate <= 1.0:
+        raise ConfigError(f"--max-error-rate must be within [0, 1], got {args.max_error_rate}")
+    if args.draft_factor < 0:
+        raise ConfigError("--draft-factor must be >= 0 (0 disables DCT-domain downscaling)")
+    if args.preprocess_from and args.weights in ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2"):
+        raise ConfigError("--preprocess-from applies to a state_dict file or 'random', not to "
+                          "named weights (they bring their own preprocessing)")
+    if args.device == "cpu" and args.precision in ("bf16", "fp16"):
+        raise ConfigError("--precision bf16/fp16 needs --device cuda (CPU runs in fp32)")
+    input_uri = args.input if "://" in args.input else os.path.abspath(args.input)
+    output_uri = args.output if "://" in args.output else os.path.abspath(args.output)
+    return ExtractConfig(
+        input=input_uri,
+        output=output_uri,
+        model=args.model,
+        weights=args.weights,
+        preprocess_from=args.preprocess_from,
+        weights_sha256=args.weights_sha256,
+        task=args.task,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        concurrency=args.concurrency,
+        num_gpus_per_worker=args.num_gpus_per_worker,
+        num_cpus_per_worker=args.num_cpus_per_worker,
+        decode_batch_size=args.decode_batch_size,
+        decode_num_cpus=args.decode_num_cpus,
+        rows_per_file=args.rows_per_file,
+        max_error_rate=args.max_error_rate,
+        max_image_pixels=args.max_image_pixels,
+        max_image_bytes=args.max_image_bytes,
+        draft_factor=args.draft_factor,
+        compile=args.compile,
+        overwrite=args.overwrite,
+        storage_options=storage_options,
+    )

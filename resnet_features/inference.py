@@ -1,0 +1,156 @@
+"""The model stage: uint8 crops in, pooled embeddings and top-k classes out, one forward pass.
+
+`ModelRunner` is built once per actor (it loads the model) and called per batch. It knows
+nothing of Ray: tests and benchmarks call it directly. Normalisation happens here, on the
+model's device, so the object store only ever carries uint8 pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from resnet_features.errors import Stage, error_columns, ok_mask, set_error
+from resnet_features.models import ModelSpec, build_model
+
+__all__ = ["InferenceOptions", "ModelRunner", "TASKS"]
+
+log = logging.getLogger(__name__)
+
+TASKS = ("embed", "classify", "both")
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    task: str = "both"
+    top_k: int = 5
+    device: str = "cpu"  # "cpu" or "cuda" (already resolved from "auto" by the driver)
+    precision: str = "auto"  # auto = bf16 (or fp16) autocast on GPU, fp32 on CPU
+    cpu_threads: int | None = None  # torch intra-op threads on CPU; None keeps torch's default
+    compile: bool = False
+
+    @property
+    def wants_embedding(self) -> bool:
+        return self.task in ("embed", "both")
+
+    @property
+    def wants_topk(self) -> bool:
+        return self.task in ("classify", "both")
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype this run uses, or None for plain fp32."""
+        if self.precision == "fp32" or (self.precision == "auto" and self.device == "cpu"):
+            return None
+        if self.precision == "fp16":
+            return torch.float16
+        if self.precision == "bf16":
+            return torch.bfloat16
+        if self.device == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+
+
+def precision_name(options: InferenceOptions) -> str:
+    dtype = options.autocast_dtype()
+    return "fp32" if dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+class _Backbone(torch.nn.Module):
+    """A torchvision ResNet split at the pooled features: returns (embedding, logits)."""
+
+    def __init__(self, resnet: torch.nn.Module):
+        super().__init__()
+        self.resnet = resnet
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.resnet
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
+        emb = torch.flatten(r.avgpool(x), 1)
+        return emb, r.fc(emb)
+
+
+class ModelRunner:
+    """Batch stage: `image` (N, H, W, 3) uint8 -> `embedding` and/or `topk_ids`/`topk_scores`."""
+
+    def __init__(self, spec: ModelSpec, state_dict, options: InferenceOptions):
+        self.spec = spec
+        self.options = options
+        if options.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but this worker sees no CUDA device")
+        if options.device == "cpu" and options.cpu_threads:
+            torch.set_num_threads(options.cpu_threads)
+        self.device = torch.device(options.device)
+        model = _Backbone(build_model(spec, state_dict)).to(self.device)
+        self.model = model.to(memory_format=torch.channels_last).eval()
+        if options.compile:
+            self.model = torch.compile(self.model)
+        prep = spec.preprocessing
+        # x/255 then (x - mean)/std, folded into one multiply-add: x * scale + shift
+        std = torch.tensor(prep.std, dtype=torch.float32)
+        mean = torch.tensor(prep.mean, dtype=torch.float32)
+        self.scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(self.device)
+        self.shift = (-mean / std).view(1, 3, 1, 1).to(self.device)
+        self.autocast = options.autocast_dtype()
+        self.k = min(options.top_k, spec.num_classes)
+        log.info("model %s (%s) on %s, precision %s", spec.name, spec.weights_id,
+                 self.device, precision_name(options))
+
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast)
+
+    @torch.inference_mode()
+    def forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(N, H, W, 3) uint8 -> embeddings (N, D), top-k ids (N, k), top-k probabilities."""
+        # NHWC memory viewed as NCHW is exactly channels_last: no copy on the CPU side.
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.float().mul_(self.scale).add_(self.shift).contiguous(
+            memory_format=torch.channels_last)
+        with self._autocast():
+            emb, logits = self.model(x)
+        probs = torch.softmax(logits.float(), dim=1)
+        scores, ids = torch.topk(probs, self.k, dim=1)
+        return (emb.float().cpu().numpy(), ids.to(torch.int32).cpu().numpy(),
+                scores.cpu().numpy())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["uri"])
+        out = {k: v for k, v in batch.items() if k != "image"}
+        if "error_stage" not in out:
+            out.update(error_columns(n))
+        emb = np.zeros((n, self.spec.embedding_dim), dtype=np.float32)
+        ids = np.zeros((n, self.k), dtype=np.int32)
+        scores = np.zeros((n, self.k), dtype=np.float32)
+        rows = np.flatnonzero(ok_mask(out))
+        if len(rows):
+            try:
+                emb[rows], ids[rows], scores[rows] = self.forward(batch["image"][rows])
+            except torch.OutOfMemoryError:
+                raise  # the device's fault, not the images': let the run fail loudly
+            except Exception:  # noqa: BLE001
+                # One poisoned image must not take its batch into the error table: retry
+                # each image alone and record only those that still fail.
+                log.warning("batch of %d failed in the model; retrying image by image",
+                            len(rows))
+                for i in rows:
+                    try:
+                        emb[i], ids[i], scores[i] = (
+                            a[0] for a in self.forward(batch["image"][i:i + 1]))
+                    except torch.OutOfMemoryError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001
+                        set_error(out, i, Stage.INFER, exc)
+        if self.options.wants_embedding:
+            out["embedding"] = emb
+        if self.options.wants_topk:
+            out["topk_ids"] = ids
+            out["topk_scores"] = scores
+        return out

@@ -1,0 +1,236 @@
+"""Model specs: which ResNets exist, how their weights load, and the preprocessing that goes with them.
+
+The torchvision weights entry *is* the spec: resize/crop sizes, mean/std, interpolation and the
+category names are read from it, never copied by hand. Weights are resolved once, on the driver,
+so a missing file fails the job at start-up instead of in every actor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torchvision.models import WeightsEnum, get_model_builder, get_model_weights
+
+from resnet_features import storage
+
+__all__ = [
+    "MODEL_NAMES",
+    "ModelSpec",
+    "Preprocessing",
+    "WeightsError",
+    "build_model",
+    "load_state_dict",
+    "resolve_model",
+]
+
+log = logging.getLogger(__name__)
+
+#: The ResNet family this job serves. Names are torchvision's registry names.
+MODEL_NAMES: tuple[str, ...] = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+)
+
+NAMED_WEIGHTS = ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2")
+
+
+class WeightsError(RuntimeError):
+    """The requested weights cannot be found, loaded or verified; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The eval transform of a torchvision weights entry, as plain data that travels to workers."""
+
+    resize_size: int
+    crop_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # a torchvision InterpolationMode value, e.g. "bilinear"
+    antialias: bool
+    source: str  # the weights entry it was read from, e.g. "ResNet50_Weights.IMAGENET1K_V2"
+
+    @classmethod
+    def from_weights(cls, weights: WeightsEnum) -> "Preprocessing":
+        t = weights.transforms()
+        (resize,) = t.resize_size
+        (crop,) = t.crop_size
+        return cls(
+            resize_size=int(resize),
+            crop_size=int(crop),
+            mean=tuple(float(x) for x in t.mean),
+            std=tuple(float(x) for x in t.std),
+            interpolation=t.interpolation.value,
+            antialias=bool(t.antialias),
+            source=f"{type(weights).__name__}.{weights.name}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a worker needs to rebuild the model, minus the tensors (they travel separately)."""
+
+    name: str
+    weights: str  # what the user asked for: "IMAGENET1K_V2", "random" or a state_dict URI
+    weights_id: str  # what was resolved: "ResNet50_Weights.IMAGENET1K_V2", "random", "file:<sha256>"
+    preprocessing: Preprocessing
+    categories: tuple[str, ...]
+    embedding_dim: int
+    num_classes: int
+
+
+def _weights_enum(model: str) -> type[WeightsEnum]:
+    if model not in MODEL_NAMES:
+        raise ValueError(f"unknown model {model!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    return get_model_weights(model)
+
+
+def named_weights(model: str, name: str) -> WeightsEnum:
+    """`DEFAULT`/`IMAGENET1K_V1`/... or a full `ResNet50_Weights.IMAGENET1K_V2` for this model."""
+    enum = _weights_enum(model)
+    short = name.split(".", 1)[1] if name.startswith(enum.__name__ + ".") else name
+    try:
+        return enum[short]
+    except KeyError:
+        raise ValueError(
+            f"{model} has no weights {name!r}; available: DEFAULT, "
+            + ", ".join(w.name for w in enum)
+        ) from None
+
+
+def is_named_weights(weights: str) -> bool:
+    return weights in NAMED_WEIGHTS or "_Weights." in weights
+
+
+def hub_checkpoint_path(weights: WeightsEnum) -> str:
+    """Where torch.hub keeps (or would keep) this weights file."""
+    filename = os.path.basename(urlparse(weights.url).path)
+    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+
+
+def _load_named(weights: WeightsEnum) -> dict[str, torch.Tensor]:
+    path = hub_checkpoint_path(weights)
+    try:
+        # torchvision's own loader: reads the hub cache, downloads when missing, checks the hash.
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; hash mismatch a RuntimeError
+        raise WeightsError(
+            f"weights {type(weights).__name__}.{weights.name} are not in the torch hub cache and "
+            f"could not be downloaded ({type(exc).__name__}: {exc}). Missing file: "
+            f"{os.path.basename(path)}, expected at {path}. Provide it by downloading "
+            f"{weights.url} on a machine with internet access and copying it there (or set "
+            f"TORCH_HOME to a folder whose hub/checkpoints/ holds it), or pass "
+            f"--weights /path/or/s3/uri/to/state_dict.pth"
+        ) from exc
+
+
+def load_state_dict(
+    uri: str, storage_options: dict[str, Any] | None = None, sha256: str | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Load a state_dict file from a path or fsspec URI with `weights_only=True`.
+
+    Returns the tensors and the file's sha256, which identifies the weights in the output.
+    """
+    try:
+        data = storage.read_bytes(uri, storage_options)
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"cannot read state_dict {uri}: {type(exc).__name__}: {exc}") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256.lower():
+        raise WeightsError(f"state_dict {uri} has sha256 {digest}, expected {sha256}")
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise WeightsError(
+            f"cannot load state_dict {uri} with weights_only=True: {type(exc).__name__}: {exc}"
+        ) from exc
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{uri} does not hold a state_dict (a dict of tensors)")
+    return obj, digest
+
+
+def build_model(spec: ModelSpec, state_dict: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+    """Build the eval-mode model and load the tensors; `None` is allowed only for random weights."""
+    if state_dict is None and spec.weights_id != "random":
+        raise WeightsError(f"no tensors for weights {spec.weights_id}")
+    model = get_model_builder(spec.name)(weights=None, num_classes=spec.num_classes)
+    if state_dict is not None:
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:
+            raise WeightsError(
+                f"state_dict does not fit {spec.name}: {str(exc).splitlines()[0]}"
+            ) from exc
+    return model.eval()
+
+
+def resolve_model(
+    model: str,
+    weights: str,
+    *,
+    preprocess_from: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    weights_sha256: str | None = None,
+) -> tuple[ModelSpec, dict[str, torch.Tensor] | None]:
+    """Resolve the CLI's model and weights into a spec plus the tensors (None for `random`).
+
+    Named weights bring their own preprocessing and categories; a state_dict or `random` takes
+    them from the model's DEFAULT entry unless `preprocess_from` names another entry.
+    """
+    enum = _weights_enum(model)
+    if is_named_weights(weights):
+        entry = named_weights(model, weights)
+        state_dict = _load_named(entry)
+        weights_id = f"{enum.__name__}.{entry.name}"
+        if weights_sha256 is not None:
+            raise ValueError("--weights-sha256 applies to a state_dict file, not to named weights")
+    else:
+        entry = named_weights(model, preprocess_from or "DEFAULT")
+        if weights == "random":
+            log.warning(
+                "using RANDOM weights for %s (asked for with --weights random): features and "
+                "labels are meaningless; use this for smoke tests only",
+                model,
+            )
+            state_dict, weights_id = None, "random"
+        else:
+            state_dict, digest = load_state_dict(weights, storage_options, weights_sha256)
+            weights_id = f"sha256:{digest}"
+    categories = tuple(entry.meta["categories"])
+    probe = get_model_builder(model)(weights=None, num_classes=len(categories))
+    spec = ModelSpec(
+        name=model,
+        weights=weights,
+        weights_id=weights_id,
+        preprocessing=Preprocessing.from_weights(entry),
+        categories=categories,
+        embedding_dim=int(probe.fc.in_features),
+        num_classes=len(categories),
+    )
+    if state_dict is not None:
+        build_model(spec, state_dict)  # fail on the driver, not in every actor
+    return spec, state_dict
+
+
+TORCHVISION_VERSION = torchvision.__version__

@@ -1,0 +1,237 @@
+"""The one module that talks to Ray Data: composes reader, decoder, model and writer into a job.
+
+Flow: listing (driver) -> blocks of URIs -> read+decode CPU tasks (fused) -> model actor pool
+(GPU or CPU) -> results streamed back to the driver's PartWriter -> `_SUCCESS`. Ray's API moves
+between versions (`compute=`/`concurrency=`), so every Ray call stays here.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyarrow as pa
+import ray
+from ray.util.annotations import RayDeprecationWarning
+import torch
+import torchvision
+
+from resnet_features import __version__, storage
+from resnet_features.config import ExtractConfig
+from resnet_features.decode import Decode, DecodeOptions
+from resnet_features.inference import InferenceOptions, ModelRunner, precision_name
+from resnet_features.models import ModelSpec, resolve_model
+from resnet_features.reader import Listing, ReadBytes, list_images
+from resnet_features.writer import PartWriter, now_iso
+
+__all__ = ["JobResult", "OutputExistsError", "run"]
+
+log = logging.getLogger(__name__)
+
+#: Bounded retries for decode tasks and model actors (restarts and task retries).
+TASK_RETRIES = 3
+
+#: Images per listing block: one read task fetches a block's objects concurrently.
+READ_GROUP = 64
+
+
+class OutputExistsError(RuntimeError):
+    """The output folder already holds files and --overwrite was not given."""
+
+
+@dataclass(frozen=True)
+class JobResult:
+    summary: dict[str, Any]
+    exit_code: int  # 0 ok, 3 failed fraction over --max-error-rate, 4 rows lost (a bug)
+    reason: str
+
+
+class _ModelActor:
+    """Ray actor shell around the Ray-free ModelRunner; fetches the weights from the object store."""
+
+    def __init__(self, runner_cls, spec: ModelSpec, state_ref: list, options: InferenceOptions):
+        state_dict = ray.get(state_ref[0]) if state_ref else None
+        self.runner = runner_cls(spec, state_dict, options)
+
+    def __call__(self, batch):
+        return self.runner(batch)
+
+
+def _init_ray() -> None:
+    if ray.is_initialized():
+        return
+    # Connects to RAY_ADDRESS or a cluster started with `ray start` on this machine (as under
+    # `ray job submit`); otherwise starts a local instance.
+    ray.init(logging_level=logging.WARNING, log_to_driver=True)
+
+
+def _resolve_device(cfg: ExtractConfig) -> str:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.device == "cuda" and gpus < cfg.num_gpus_per_worker:
+        raise RuntimeError(
+            f"--device cuda asked for, but the Ray cluster has {gpus:g} GPUs (each model actor "
+            f"needs {cfg.num_gpus_per_worker:g}); use --device cpu or add GPU workers")
+    if cfg.device == "auto":
+        device = "cuda" if gpus >= cfg.num_gpus_per_worker else "cpu"
+        log.info("--device auto: the cluster has %g GPUs, so the model runs on %s",
+                 gpus, device.upper())
+        return device
+    return cfg.device
+
+
+def _prepare_output(cfg: ExtractConfig) -> None:
+    fs, root = storage.filesystem(cfg.output, cfg.storage_options)
+    if fs.exists(root):
+        existing = fs.ls(root, detail=False)
+        if existing and not cfg.overwrite:
+            raise OutputExistsError(
+                f"output {cfg.output} already holds {len(existing)} entries; pass --overwrite "
+                f"to replace them or choose another --output")
+        if existing:
+            log.warning("--overwrite: removing the %d entries under %s", len(existing), cfg.output)
+            fs.rm(root, recursive=True)
+    fs.makedirs(root, exist_ok=True)
+
+
+def build_dataset(
+    cfg: ExtractConfig,
+    listing: Listing,
+    spec: ModelSpec,
+    state_ref: list,
+    options: InferenceOptions,
+    runner_cls: Callable = ModelRunner,
+) -> ray.data.Dataset:
+    """The streaming Dataset of result batches; nothing runs until it is iterated."""
+    table = listing.table
+    blocks = [table.slice(i, READ_GROUP) for i in range(0, table.num_rows, READ_GROUP)]
+    ds = ray.data.from_arrow(blocks)
+    decode_options = DecodeOptions(
+        max_image_pixels=cfg.max_image_pixels or DecodeOptions().max_image_pixels,
+        max_image_bytes=cfg.max_image_bytes,
+        draft_factor=cfg.draft_factor,
+    )
+    # Read and decode fuse into one CPU task per block: bytes never enter the object store.
+    # Retries are bounded on purpose: Ray Data's default for actors is to retry forever, which
+    # turns a persistent failure (bad credentials, a broken GPU) into a hang instead of an error.
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates retry options as **ray_remote_args but names no replacement yet.
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        ds = ds.map_batches(ReadBytes(cfg.storage_options), batch_size=None,
+                            batch_format="numpy", num_cpus=cfg.decode_num_cpus,
+                            max_retries=TASK_RETRIES)
+        ds = ds.map_batches(Decode(spec.preprocessing, decode_options),
+                            batch_size=cfg.decode_batch_size, batch_format="numpy",
+                            num_cpus=cfg.decode_num_cpus, max_retries=TASK_RETRIES)
+        return _map_model(ds, cfg, spec, state_ref, options, runner_cls)
+
+
+def _map_model(ds, cfg, spec, state_ref, options, runner_cls) -> ray.data.Dataset:
+    gpu = options.device == "cuda"
+    if gpu:
+        size = cfg.concurrency or max(1, int(ray.cluster_resources().get("GPU", 1)
+                                               // cfg.num_gpus_per_worker))
+        resources = {"num_gpus": cfg.num_gpus_per_worker, "num_cpus": 1}
+    else:
+        size = cfg.concurrency or 1
+        resources = {"num_cpus": cfg.num_cpus_per_worker or 1}
+    batch_size = cfg.batch_size or (256 if gpu else 32)
+    return ds.map_batches(
+        _ModelActor,
+        fn_constructor_kwargs={"runner_cls": runner_cls, "spec": spec, "state_ref": state_ref,
+                               "options": options},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=4),
+        max_restarts=TASK_RETRIES,
+        max_task_retries=TASK_RETRIES,
+        **resources,
+    )
+
+
+def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
+    """Run the extraction job end to end. Raises on bad input/weights/output before any work."""
+    started_at, t0 = now_iso(), time.perf_counter()
+    spec, state_dict = resolve_model(cfg.model, cfg.weights, preprocess_from=cfg.preprocess_from,
+                                     storage_options=cfg.storage_options,
+                                     weights_sha256=cfg.weights_sha256)
+    listing = list_images(cfg.input, cfg.storage_options)
+    _prepare_output(cfg)
+    _init_ray()
+    device = _resolve_device(cfg)
+    options = InferenceOptions(task=cfg.task, top_k=cfg.top_k, device=device,
+                               precision=cfg.precision, compile=cfg.compile)
+    file_metadata = {
+        "package_version": __version__,
+        "model": spec.name,
+        "weights": spec.weights_id,
+        "preprocessing": spec.preprocessing.to_dict(),
+        "task": cfg.task,
+        "precision": precision_name(options),
+        "device": device,
+    }
+    writer = PartWriter(cfg.output, spec=spec, task=cfg.task, listing=listing.table,
+                        rows_per_file=cfg.rows_per_file, file_metadata=file_metadata,
+                        storage_options=cfg.storage_options)
+    state_ref = [ray.put(state_dict)] if state_dict is not None else []
+    ds = build_dataset(cfg, listing, spec, state_ref, options, runner_cls)
+    n, done, last_log = listing.table.num_rows, 0, time.perf_counter()
+    work_t0 = time.perf_counter()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        writer.add(batch)
+        done += len(batch["index"])
+        if time.perf_counter() - last_log > 10:
+            last_log = time.perf_counter()
+            log.info("%d/%d images done (%.1f images/s)", done, n,
+                     done / (last_log - work_t0))
+    missing = writer.missing_indices()
+    writer.close()
+    elapsed = time.perf_counter() - t0
+    stats = writer.stats
+    summary = {
+        "inputs": n,
+        "succeeded": stats.succeeded,
+        "failed": stats.failed,
+        "failed_by_stage": stats.failed_by_stage,
+        "lost": len(missing),
+        "model": spec.name,
+        "weights": spec.weights_id,
+        "weights_arg": cfg.weights,
+        "task": cfg.task,
+        "top_k": cfg.top_k,
+        "embedding_dim": spec.embedding_dim,
+        "preprocessing": spec.preprocessing.to_dict(),
+        "device": device,
+        "precision": precision_name(options),
+        "input": cfg.input,
+        "output": cfg.output,
+        "started_at": started_at,
+        "finished_at": now_iso(),
+        "elapsed_seconds": round(elapsed, 3),
+        "images_per_second": round(n / elapsed, 3) if elapsed > 0 else None,
+        "listing_seconds": round(listing.seconds, 3),
+        "bytes_listed": int(pa.compute.sum(listing.table.column("size_bytes")).as_py() or 0),
+        "skipped_non_image": listing.skipped_non_image,
+        "files": stats.data_files,
+        "error_files": stats.error_files,
+        "versions": {"resnet_features": __version__, "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "ray": ray.__version__,
+                     "python": sys.version.split()[0]},
+        "config": cfg.public_dict(),
+    }
+    exit_code, reason = 0, "ok"
+    if missing:
+        exit_code = 4
+        reason = (f"{len(missing)} inputs never came back from the pipeline (first: "
+                  f"{writer.uris[missing[0]]}); this is a bug, please report it")
+    elif n and stats.failed / n > cfg.max_error_rate:
+        exit_code = 3
+        reason = (f"{stats.failed} of {n} images failed ({stats.failed / n:.1%}), over "
+                  f"--max-error-rate {cfg.max_error_rate:g}; see {cfg.output}/_errors/")
+    summary["status"] = "succeeded" if exit_code == 0 else "failed"
+    summary["reason"] = reason
+    writer.write_summary(summary, success=exit_code == 0)
+    return JobResult(summary=summary, exit_code=exit_code, reason=reason)

@@ -1,0 +1,213 @@
+"""Writing: result batches to Parquet parts with an explicit Arrow schema, errors, and `_SUCCESS`.
+
+Rows are assigned to parts by their listing index (`index // rows_per_file`), so the same
+listing always yields the same file names and contents: a retried write replaces a file instead
+of adding a duplicate. A part is written once all of its inputs have come back (as result or
+error rows), sorted by index, to `_staging/` first and then moved into place, so a reader never
+sees half a file. `_SUCCESS` (the run summary) is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from resnet_features import storage
+from resnet_features.models import ModelSpec
+
+__all__ = ["ERROR_SCHEMA", "PartWriter", "WriteStats", "output_schema", "part_name"]
+
+log = logging.getLogger(__name__)
+
+ERRORS_DIR = "_errors"
+STAGING_DIR = "_staging"
+SUCCESS_FILE = "_SUCCESS"
+SUMMARY_FILE = "_summary.json"
+
+ERROR_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+        ("size_bytes", pa.int64()),
+    ]
+)
+
+
+def output_schema(spec: ModelSpec, task: str, metadata: dict[str, str] | None = None) -> pa.Schema:
+    """The documented output schema for a model and task (standard Arrow types only)."""
+    fields = [pa.field("uri", pa.string(), nullable=False)]
+    if task in ("embed", "both"):
+        fields.append(pa.field("embedding", pa.list_(pa.float32(), spec.embedding_dim)))
+    if task in ("classify", "both"):
+        fields += [
+            pa.field("topk_ids", pa.list_(pa.int32())),
+            pa.field("topk_labels", pa.list_(pa.string())),
+            pa.field("topk_scores", pa.list_(pa.float32())),
+        ]
+    fields += [pa.field("width", pa.int32()), pa.field("height", pa.int32())]
+    return pa.schema(fields, metadata=metadata)
+
+
+def part_name(part: int) -> str:
+    return f"part-{part:05d}.parquet"
+
+
+def _fixed_size_list(values: np.ndarray) -> pa.Array:
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
+def _list_array(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    n, k = values.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=value_type))
+
+
+@dataclass
+class WriteStats:
+    succeeded: int = 0
+    failed: int = 0
+    failed_by_stage: dict[str, int] = field(default_factory=dict)
+    data_files: list[str] = field(default_factory=list)
+    error_files: list[str] = field(default_factory=list)
+
+
+class PartWriter:
+    """Collects result batches (any order) and writes each part as soon as it is complete."""
+
+    def __init__(
+        self,
+        output_uri: str,
+        *,
+        spec: ModelSpec,
+        task: str,
+        listing: pa.Table,
+        rows_per_file: int,
+        file_metadata: dict[str, Any],
+        storage_options: dict[str, Any] | None = None,
+    ):
+        self.fs, self.root = storage.filesystem(output_uri, storage_options)
+        self.output_uri = output_uri
+        self.spec = spec
+        self.task = task
+        self.rows_per_file = rows_per_file
+        self.categories = np.asarray(spec.categories, dtype=object)
+        meta = {"resnet_features": json.dumps(file_metadata, sort_keys=True)}
+        self.schema = output_schema(spec, task, meta)
+        self.error_schema = ERROR_SCHEMA.with_metadata(meta)
+        self.n_inputs = listing.num_rows
+        self.n_parts = max(1, -(-self.n_inputs // rows_per_file))
+        self.size_bytes = listing.column("size_bytes").to_numpy()
+        self.uris = listing.column("uri").to_pylist()
+        self.pending: dict[int, list[dict[str, np.ndarray]]] = {}
+        self.remaining = {p: self._part_len(p) for p in range(self.n_parts)}
+        self.stats = WriteStats()
+        self.fs.makedirs(storage.join(self.root, STAGING_DIR), exist_ok=True)
+
+    def _part_len(self, part: int) -> int:
+        return min(self.rows_per_file, self.n_inputs - part * self.rows_per_file)
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        """Take a result batch; write every part it completes."""
+        parts = batch["index"] // self.rows_per_file
+        for part in np.unique(parts):
+            sel = np.flatnonzero(parts == part)
+            self.pending.setdefault(int(part), []).append({k: v[sel] for k, v in batch.items()})
+            self.remaining[int(part)] -= len(sel)
+            if self.remaining[int(part)] == 0:
+                self._write_part(int(part))
+            elif self.remaining[int(part)] < 0:
+                raise RuntimeError(f"part {part} received more rows than it has inputs")
+
+    def _write_part(self, part: int) -> None:
+        chunks = self.pending.pop(part)
+        merged = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        order = np.argsort(merged["index"], kind="stable")
+        merged = {k: v[order] for k, v in merged.items()}
+        failed = np.array([bool(s) for s in merged["error_stage"]], dtype=bool)
+        ok = ~failed
+        if ok.any():
+            self._write(self._rows_table({k: v[ok] for k, v in merged.items()}), part_name(part))
+        if failed.any():
+            self._write(self._errors_table({k: v[failed] for k, v in merged.items()}),
+                        storage.join(ERRORS_DIR, part_name(part)))
+            for stage in merged["error_stage"][failed]:
+                self.stats.failed_by_stage[stage] = self.stats.failed_by_stage.get(stage, 0) + 1
+        self.stats.succeeded += int(ok.sum())
+        self.stats.failed += int(failed.sum())
+
+    def _rows_table(self, rows: dict[str, np.ndarray]) -> pa.Table:
+        cols: dict[str, pa.Array] = {"uri": pa.array(rows["uri"].astype(str), pa.string())}
+        if "embedding" in self.schema.names:
+            cols["embedding"] = _fixed_size_list(rows["embedding"])
+        if "topk_ids" in self.schema.names:
+            ids = rows["topk_ids"].astype(np.int32)
+            cols["topk_ids"] = _list_array(ids, pa.int32())
+            cols["topk_labels"] = _list_array(self.categories[ids], pa.string())
+            cols["topk_scores"] = _list_array(rows["topk_scores"].astype(np.float32),
+                                              pa.float32())
+        cols["width"] = pa.array(rows["width"].astype(np.int32))
+        cols["height"] = pa.array(rows["height"].astype(np.int32))
+        return pa.Table.from_pydict(cols, schema=self.schema)
+
+    def _errors_table(self, rows: dict[str, np.ndarray]) -> pa.Table:
+        return pa.Table.from_pydict(
+            {
+                "uri": rows["uri"].astype(str).tolist(),
+                "stage": rows["error_stage"].astype(str).tolist(),
+                "error_type": rows["error_type"].astype(str).tolist(),
+                "message": rows["error_message"].astype(str).tolist(),
+                "size_bytes": self.size_bytes[rows["index"]].astype(np.int64),
+            },
+            schema=self.error_schema,
+        )
+
+    def _write(self, table: pa.Table, relpath: str) -> None:
+        staged = storage.join(self.root, STAGING_DIR, relpath.replace("/", "__"))
+        final = storage.join(self.root, relpath)
+        with self.fs.open(staged, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+        self.fs.makedirs(storage.join(final.rsplit("/", 1)[0]), exist_ok=True)
+        self.fs.mv(staged, final)
+        files = self.stats.error_files if relpath.startswith(ERRORS_DIR) else self.stats.data_files
+        files.append(relpath)
+
+    def missing_indices(self) -> list[int]:
+        """Listing indices that never came back: a pipeline bug, never silently dropped."""
+        got: set[int] = set()
+        for chunks in self.pending.values():
+            for c in chunks:
+                got.update(int(i) for i in c["index"])
+        missing = []
+        for part, left in self.remaining.items():
+            if left:
+                start = part * self.rows_per_file
+                missing += [i for i in range(start, start + self._part_len(part)) if i not in got]
+        return missing
+
+    def close(self) -> None:
+        """Write incomplete parts (their rows exist; the missing ones are reported) and tidy up."""
+        for part in sorted(self.pending):
+            self._write_part(part)
+        staging = storage.join(self.root, STAGING_DIR)
+        if self.fs.exists(staging):
+            self.fs.rm(staging, recursive=True)
+
+    def write_summary(self, summary: dict[str, Any], *, success: bool) -> None:
+        """`_summary.json` always; `_SUCCESS` (same content) last, and only for a good run."""
+        storage.write_json(self.fs, storage.join(self.root, SUMMARY_FILE), summary)
+        if success:
+            storage.write_json(self.fs, storage.join(self.root, SUCCESS_FILE), summary)
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

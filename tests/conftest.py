@@ -1,0 +1,60 @@
+"""Shared fixtures: one local Ray instance per session, real photos, realistic test weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from helpers import make_calibrated_state_dict  # noqa: E402
+
+from resnet_features.samples import write_samples  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (Ray's testing guide)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> str:
+    """A folder of 32 real photos (crops and rescales), JPEG, PNG and WebP, varied sizes."""
+    folder = str(tmp_path_factory.mktemp("photos"))
+    write_samples(folder, count=32, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def few_photos(tmp_path_factory) -> str:
+    folder = str(tmp_path_factory.mktemp("few_photos"))
+    write_samples(folder, count=6, seed=2)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="session")
+def resnet18_weights(weights_dir) -> str:
+    return make_calibrated_state_dict("resnet18", os.path.join(weights_dir, "resnet18.pth"))
+
+
+@pytest.fixture(scope="session")
+def calibrated(weights_dir):
+    """`calibrated(name)` -> path of a BN-calibrated state_dict for that model (cached)."""
+    def get(name: str) -> str:
+        return make_calibrated_state_dict(name, os.path.join(weights_dir, f"{name}.pth"))
+    return get

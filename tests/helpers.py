@@ -1,0 +1,76 @@
+"""Test helpers: realistic test weights and the independent eager-torchvision reference."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.models import get_model_builder, get_model_weights
+
+from resnet_features.samples import PHOTO_NAMES, load_photo
+
+
+def photo_batch(transform, n: int = 16) -> torch.Tensor:
+    imgs = [Image.fromarray(load_photo(PHOTO_NAMES[i % len(PHOTO_NAMES)])).convert("RGB")
+            for i in range(n)]
+    return torch.stack([transform(im) for im in imgs])
+
+
+def make_calibrated_state_dict(model_name: str, path: str, seed: int = 0) -> str:
+    """Save a state_dict whose BatchNorm statistics come from real photos.
+
+    Freshly initialised ResNets give degenerate features and near-tied logits; running real
+    photos through the model in train mode gives BatchNorm realistic running statistics, so
+    features spread out and top-1 decisions are as stable as with pretrained weights.
+    """
+    if os.path.exists(path):
+        return path
+    torch.manual_seed(seed)
+    model = get_model_builder(model_name)(weights=None)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batches
+    transform = get_model_weights(model_name).DEFAULT.transforms()
+    x = photo_batch(transform, 16)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def reference_outputs(model_name: str, state_dict_path: str, image_paths: list[str],
+                      weights_entry: str = "DEFAULT", top_k: int = 5):
+    """Eager torchvision on PIL images with weights.transforms(): embeddings, top-k ids, probs.
+
+    Independent of the job's code: torchvision's own transform pipeline, its own model forward
+    with a hook on avgpool for the embedding.
+    """
+    entry = get_model_weights(model_name)[weights_entry]
+    transform = entry.transforms()
+    model = get_model_builder(model_name)(weights=None)
+    model.load_state_dict(torch.load(state_dict_path, weights_only=True))
+    model.eval()
+    pooled = {}
+    model.avgpool.register_forward_hook(lambda m, i, o: pooled.__setitem__("x", o))
+    embs, ids, probs = [], [], []
+    with torch.no_grad():
+        for p in image_paths:
+            with Image.open(p) as im:
+                x = transform(im.convert("RGB")).unsqueeze(0)
+            logits = model(x)
+            pr = torch.softmax(logits, 1)
+            s, i = torch.topk(pr, top_k, 1)
+            embs.append(torch.flatten(pooled["x"], 1)[0].numpy())
+            ids.append(i[0].numpy())
+            probs.append(s[0].numpy())
+    return np.stack(embs), np.stack(ids), np.stack(probs)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(1)
