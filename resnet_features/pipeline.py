@@ -35,8 +35,15 @@ log = logging.getLogger(__name__)
 #: Bounded retries for decode tasks and model actors (restarts and task retries).
 TASK_RETRIES = 3
 
-#: Images per listing block: one read task fetches a block's objects concurrently.
-READ_GROUP = 64
+#: Most images per listing block: one read task fetches a block's objects concurrently.
+MAX_READ_GROUP = 64
+
+
+def read_group_size(n_inputs: int, cluster_cpus: float, decode_batch_size: int) -> int:
+    """Images per read task: big enough to batch object-store GETs, small enough that every
+    CPU gets several tasks (so small inputs still spread out)."""
+    spread = -(-n_inputs // max(1, int(4 * cluster_cpus)))
+    return max(1, min(MAX_READ_GROUP, max(decode_batch_size, spread)))
 
 
 class OutputExistsError(RuntimeError):
@@ -107,7 +114,9 @@ def build_dataset(
 ) -> ray.data.Dataset:
     """The streaming Dataset of result batches; nothing runs until it is iterated."""
     table = listing.table
-    blocks = [table.slice(i, READ_GROUP) for i in range(0, table.num_rows, READ_GROUP)]
+    group = read_group_size(table.num_rows, ray.cluster_resources().get("CPU", 1),
+                            cfg.decode_batch_size)
+    blocks = [table.slice(i, group) for i in range(0, table.num_rows, group)]
     ds = ray.data.from_arrow(blocks)
     decode_options = DecodeOptions(
         max_image_pixels=cfg.max_image_pixels or DecodeOptions().max_image_pixels,

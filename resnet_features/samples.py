@@ -44,8 +44,9 @@ def write_samples(folder: str, count: int = 24, seed: int = 0) -> list[str]:
             y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
             arr = arr[y:y + ch, x:x + cw]
         img = Image.fromarray(arr)
-        scale = rng.uniform(0.5, 1.5)
-        img = img.resize((max(32, int(img.width * scale)), max(32, int(img.height * scale))))
+        # ImageNet-like sizes: the long side anywhere from 160 to 1000 pixels.
+        scale = rng.uniform(160, 1000) / max(img.size)
+        img = img.resize((max(16, int(img.width * scale)), max(16, int(img.height * scale))))
         ext = ("jpg", "png", "webp")[i % 3]
         path = os.path.join(folder, f"{i:03d}_{name}.{ext}")
         img.save(path, quality=90) if ext != "png" else img.save(path)
