@@ -7,8 +7,12 @@ import os
 import sys
 
 from resnet_features.config import ConfigError, config_from_args, get_args_parser
-from resnet_features.models import (WeightsError, hub_checkpoint_path, is_named_weights,
-                                    named_weights)
+from resnet_features.models import (
+    WeightsError,
+    hub_checkpoint_path,
+    is_named_weights,
+    named_weights,
+)
 from resnet_features.reader import InputError
 
 __all__ = ["main"]

@@ -67,7 +67,7 @@ class Preprocessing:
     source: str  # the weights entry it was read from, e.g. "ResNet50_Weights.IMAGENET1K_V2"
 
     @classmethod
-    def from_weights(cls, weights: WeightsEnum) -> "Preprocessing":
+    def from_weights(cls, weights: WeightsEnum) -> Preprocessing:
         t = weights.transforms()
         (resize,) = t.resize_size
         (crop,) = t.crop_size
@@ -91,7 +91,7 @@ class ModelSpec:
 
     name: str
     weights: str  # what the user asked for: "IMAGENET1K_V2", "random" or a state_dict URI
-    weights_id: str  # what was resolved: "ResNet50_Weights.IMAGENET1K_V2", "random", "file:<sha256>"
+    weights_id: str  # what was resolved: "ResNet50_Weights.IMAGENET1K_V2", "random", "sha256:<hex>"
     preprocessing: Preprocessing
     categories: tuple[str, ...]
     embedding_dim: int

@@ -11,14 +11,15 @@ import logging
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.util.annotations import RayDeprecationWarning
 import torch
 import torchvision
+from ray.util.annotations import RayDeprecationWarning
 
 from resnet_features import __version__, storage
 from resnet_features.config import ExtractConfig
