@@ -22,7 +22,10 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+        # address="local": always a fresh instance, never a `ray start` cluster that another
+        # test (or process) left on this machine.
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 

@@ -16,8 +16,11 @@ EXTRACT = os.path.join(ROOT, "jobs", "extract.py")
 
 
 def extract(*args: str, env: dict | None = None, timeout: int = 600):
+    # RAY_ADDRESS=local: the job starts its own Ray rather than joining whatever cluster runs here.
+    env = env or cluster_env()
+    env.setdefault("RAY_ADDRESS", "local")
     return subprocess.run([sys.executable, EXTRACT, *args], capture_output=True, text=True,
-                          timeout=timeout, env=env or cluster_env(), cwd=ROOT)
+                          timeout=timeout, env=env, cwd=ROOT)
 
 
 def test_help_documents_every_flag():
