@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +112,28 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png_crcs(data: bytes) -> None:
+    """Raise on a PNG chunk whose CRC does not match: Pillow verifies only some chunks, so a
+    corrupted IDAT would otherwise decode to silently wrong pixels."""
+    view = memoryview(data)  # CRC over slices without copying them
+    pos, end = len(PNG_SIGNATURE), len(data)
+    while pos + 8 <= end:
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        start, stop = pos + 4, pos + 8 + length  # CRC covers the type and the data
+        if stop + 4 > end:
+            raise OSError(f"PNG chunk at byte {pos} is truncated")
+        (crc,) = struct.unpack(">I", data[stop:stop + 4])
+        if zlib.crc32(view[start:stop]) != crc:
+            chunk = data[start:start + 4].decode("latin-1")
+            raise OSError(f"PNG chunk {chunk!r} at byte {pos} has a bad CRC (corrupt file)")
+        if data[start:start + 4] == b"IEND":
+            return
+        pos = stop + 4
+
+
 def open_image(data: bytes, prep: Preprocessing, options: DecodeOptions):
     """Decode bytes into an oriented PIL image; returns it with its full-resolution size.
 
@@ -127,6 +151,8 @@ def open_image(data: bytes, prep: Preprocessing, options: DecodeOptions):
         # Pillow only warns between 1x and 2x the limit; here the limit is the limit.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+        if img.format == "PNG":
+            check_png_crcs(data)
         img.seek(0)  # animated GIF/WebP, multi-page TIFF: the first frame
         width, height = img.size
         if img.format in ("JPEG", "MPO") and options.draft_factor > 0:
