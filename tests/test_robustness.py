@@ -33,7 +33,7 @@ from resnet_features.inference import (
     ModelStageError,
 )
 from resnet_features.models import resolve_model
-from resnet_features.reader import ReadBytes
+from resnet_features.reader import ReadBytes, list_images
 from resnet_features.samples import load_photo
 
 # Ray workers cannot import this test module: ship its runner classes by value.
@@ -251,12 +251,11 @@ def _run_corpus(folder: str, out: str, weights: str, max_error_rate: str, monkey
     """The real job over the corpus; MISSING is deleted right after the driver lists it."""
     missing = os.path.join(folder, MISSING)
     content = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
-    real_list = pipeline.list_images
 
     def list_then_delete(uri, storage_options=None):
         with open(missing, "wb") as f:
             f.write(content)
-        listing = real_list(uri, storage_options)
+        listing = list_images(uri, storage_options)
         os.remove(missing)
         return listing
 
