@@ -6,6 +6,13 @@ antialiased resize that produces only the centre crop (`Image.resize(box=...)`).
 torchvision's (`resize` of the short side, then `center_crop`), so for images that are not
 shrunk by `draft` the pixels equal those of `weights.transforms()` on the same PIL image.
 Float conversion and mean/std happen on the model's device, which moves 4x fewer bytes.
+
+Unusual but valid inputs are decoded, not rejected: transparency (RGBA, LA, PA, palette with
+tRNS) is composited on white (BACKGROUND); animated GIF/WebP and multi-page TIFF give their first
+frame; 16-bit greys are scaled to 8 bits by /257 (full range, no windowing). Broken input is an
+error: truncated files (LOAD_TRUNCATED_IMAGES stays off), PNG chunks with a bad CRC, formats off
+the allow-list, files over --max-image-bytes and images over --max-image-pixels (raised before
+any pixel is decoded, so a bomb costs its file size in memory, not its pixel count).
 """
 
 from __future__ import annotations

@@ -473,6 +473,15 @@ def test_decode_worker_memory_stays_bounded_on_the_bomb(tmp_path):
 # ---------------------------------------------------------------- model and storage faults, no Ray
 
 
+def test_failure_budget_defaults_to_five_percent():
+    parser = get_args_parser()
+    assert make_cfg("--input", "in", "--output", "out").max_error_rate == 0.05
+    with pytest.raises(ValueError, match="--max-error-rate must be within"):
+        config_from_args(parser.parse_args(["--input", "i", "--output", "o",
+                                            "--max-error-rate", "1.5"]))
+
+
+
 @pytest.fixture(scope="module")
 def resnet18_spec(resnet18_weights):
     return resolve_model("resnet18", resnet18_weights)
