@@ -25,7 +25,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from resnet_features.errors import Stage, error_columns, set_error
 from resnet_features.models import Preprocessing
@@ -157,7 +157,13 @@ def open_image(data: bytes, prep: Preprocessing, options: DecodeOptions):
     with warnings.catch_warnings():
         # Pillow only warns between 1x and 2x the limit; here the limit is the limit.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+        try:
+            img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+        except UnidentifiedImageError:
+            # Pillow's message names a memory address; say what was expected instead.
+            raise UnidentifiedImageError(
+                f"not an image in a supported format ({', '.join(PIL_FORMATS)}), or its "
+                f"header is corrupt; starts with {data[:8]!r}") from None
         if img.format == "PNG":
             check_png_crcs(data)
         img.seek(0)  # animated GIF/WebP, multi-page TIFF: the first frame
