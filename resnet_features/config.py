@@ -36,7 +36,7 @@ class ExtractConfig:
     decode_batch_size: int = 16
     decode_num_cpus: float = 1.0
     rows_per_file: int = 50_000
-    max_error_rate: float = 1.0
+    max_error_rate: float = 0.05
     max_image_pixels: int | None = None  # None: Pillow's default limit
     max_image_bytes: int = 256 * 1024 * 1024
     draft_factor: float = 2.0
@@ -111,13 +111,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="CPUs reserved by each read+decode task")
     r.add_argument("--compile", action="store_true", help="torch.compile the model in each actor")
     e = p.add_argument_group("errors and limits")
-    e.add_argument("--max-error-rate", type=float, default=1.0,
-                   help="exit non-zero when failed/inputs exceeds this (rows and errors are "
-                   "written first)")
+    e.add_argument("--max-error-rate", type=float, default=0.05,
+                   help="exit with code 3 when failed/inputs exceeds this fraction (rows, error "
+                   "rows and _summary.json are written first; 1 never fails on bad images)")
     e.add_argument("--max-image-pixels", type=int, default=None,
                    help="decompression-bomb limit in pixels (default: Pillow's, ~89 MP)")
     e.add_argument("--max-image-bytes", type=int, default=256 * 1024 * 1024,
-                   help="files larger than this are error rows, never opened")
+                   help="size budget per image: larger files are error rows, never opened "
+                   "(also bounds a decode worker's time and memory on pathological files)")
     e.add_argument("--draft-factor", type=float, default=2.0,
                    help="decode JPEGs at reduced DCT scale when they are at least this many "
                    "times the resize target (0 disables)")

@@ -6,17 +6,26 @@ antialiased resize that produces only the centre crop (`Image.resize(box=...)`).
 torchvision's (`resize` of the short side, then `center_crop`), so for images that are not
 shrunk by `draft` the pixels equal those of `weights.transforms()` on the same PIL image.
 Float conversion and mean/std happen on the model's device, which moves 4x fewer bytes.
+
+Unusual but valid inputs are decoded, not rejected: transparency (RGBA, LA, PA, palette with
+tRNS) is composited on white (BACKGROUND); animated GIF/WebP and multi-page TIFF give their first
+frame; 16-bit greys are scaled to 8 bits by /257 (full range, no windowing). Broken input is an
+error: truncated files (LOAD_TRUNCATED_IMAGES stays off), PNG chunks with a bad CRC, formats off
+the allow-list, files over --max-image-bytes and images over --max-image-pixels (raised before
+any pixel is decoded, so a bomb costs its file size in memory, not its pixel count).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from resnet_features.errors import Stage, error_columns, set_error
 from resnet_features.models import Preprocessing
@@ -110,6 +119,28 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png_crcs(data: bytes) -> None:
+    """Raise on a PNG chunk whose CRC does not match: Pillow verifies only some chunks, so a
+    corrupted IDAT would otherwise decode to silently wrong pixels."""
+    view = memoryview(data)  # CRC over slices without copying them
+    pos, end = len(PNG_SIGNATURE), len(data)
+    while pos + 8 <= end:
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        start, stop = pos + 4, pos + 8 + length  # CRC covers the type and the data
+        if stop + 4 > end:
+            raise OSError(f"PNG chunk at byte {pos} is truncated")
+        (crc,) = struct.unpack(">I", data[stop:stop + 4])
+        if zlib.crc32(view[start:stop]) != crc:
+            chunk = data[start:start + 4].decode("latin-1")
+            raise OSError(f"PNG chunk {chunk!r} at byte {pos} has a bad CRC (corrupt file)")
+        if data[start:start + 4] == b"IEND":
+            return
+        pos = stop + 4
+
+
 def open_image(data: bytes, prep: Preprocessing, options: DecodeOptions):
     """Decode bytes into an oriented PIL image; returns it with its full-resolution size.
 
@@ -126,7 +157,15 @@ def open_image(data: bytes, prep: Preprocessing, options: DecodeOptions):
     with warnings.catch_warnings():
         # Pillow only warns between 1x and 2x the limit; here the limit is the limit.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+        try:
+            img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+        except UnidentifiedImageError:
+            # Pillow's message names a memory address; say what was expected instead.
+            raise UnidentifiedImageError(
+                f"not an image in a supported format ({', '.join(PIL_FORMATS)}), or its "
+                f"header is corrupt; starts with {data[:8]!r}") from None
+        if img.format == "PNG":
+            check_png_crcs(data)
         img.seek(0)  # animated GIF/WebP, multi-page TIFF: the first frame
         width, height = img.size
         if img.format in ("JPEG", "MPO") and options.draft_factor > 0:

@@ -17,11 +17,22 @@ import torch
 from resnet_features.errors import Stage, error_columns, ok_mask, set_error
 from resnet_features.models import ModelSpec, build_model
 
-__all__ = ["InferenceOptions", "ModelRunner", "TASKS"]
+__all__ = ["DEVICE_FAULTS", "InferenceOptions", "ModelRunner", "ModelStageError", "TASKS"]
 
 log = logging.getLogger(__name__)
 
 TASKS = ("embed", "classify", "both")
+
+#: Failures of the machine, not of an image: retried, then they fail the run (never error rows).
+DEVICE_FAULTS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, MemoryError)
+
+#: Extra attempts at a forward pass that hit a DEVICE_FAULT before the run is failed.
+DEVICE_RETRIES = 2
+
+
+class ModelStageError(RuntimeError):
+    """The model stage is broken (every image of a batch fails, even alone): not the inputs'
+    fault, so the run fails loudly instead of filling the error table."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,19 @@ class ModelRunner:
         return (emb.float().cpu().numpy(), ids.to(torch.int32).cpu().numpy(),
                 scores.cpu().numpy())
 
+    def _forward_retrying(self, images: np.ndarray):
+        """`forward`, retried a bounded number of times on DEVICE_FAULTS (then re-raised)."""
+        for attempt in range(DEVICE_RETRIES + 1):
+            try:
+                return self.forward(images)
+            except DEVICE_FAULTS as exc:
+                if attempt == DEVICE_RETRIES:
+                    raise
+                log.warning("model forward of %d images hit %s (attempt %d of %d); retrying",
+                            len(images), type(exc).__name__, attempt + 1, DEVICE_RETRIES + 1)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["uri"])
         out = {k: v for k, v in batch.items() if k != "image"}
@@ -132,22 +156,32 @@ class ModelRunner:
         rows = np.flatnonzero(ok_mask(out))
         if len(rows):
             try:
-                emb[rows], ids[rows], scores[rows] = self.forward(batch["image"][rows])
-            except torch.OutOfMemoryError:
+                emb[rows], ids[rows], scores[rows] = self._forward_retrying(batch["image"][rows])
+            except DEVICE_FAULTS:
                 raise  # the device's fault, not the images': let the run fail loudly
-            except Exception:  # noqa: BLE001
+            except Exception as batch_exc:  # noqa: BLE001
                 # One poisoned image must not take its batch into the error table: retry
                 # each image alone and record only those that still fail.
-                log.warning("batch of %d failed in the model; retrying image by image",
-                            len(rows))
+                log.warning("batch of %d failed in the model (%s: %s); retrying image by image",
+                            len(rows), type(batch_exc).__name__, batch_exc)
+                failures: list[tuple[int, Exception]] = []
                 for i in rows:
                     try:
                         emb[i], ids[i], scores[i] = (
-                            a[0] for a in self.forward(batch["image"][i:i + 1]))
-                    except torch.OutOfMemoryError:
+                            a[0] for a in self._forward_retrying(batch["image"][i:i + 1]))
+                    except DEVICE_FAULTS:
                         raise
                     except Exception as exc:  # noqa: BLE001
-                        set_error(out, i, Stage.INFER, exc)
+                        failures.append((int(i), exc))
+                if len(rows) > 1 and len(failures) == len(rows):
+                    # A model that fails on every image is broken (bad weights, a dead device,
+                    # a bug); recording its whole input as "bad images" would hide that.
+                    raise ModelStageError(
+                        f"the model failed on a batch of {len(rows)} images and on each of them "
+                        f"alone ({type(failures[0][1]).__name__}: {failures[0][1]}); this is a "
+                        f"fault of the model stage, not of the images") from batch_exc
+                for i, exc in failures:
+                    set_error(out, i, Stage.INFER, exc)
         if self.options.wants_embedding:
             out["embedding"] = emb
         if self.options.wants_topk:

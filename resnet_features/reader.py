@@ -91,13 +91,41 @@ def list_images(uri: str, storage_options: dict[str, Any] | None = None) -> List
 #: Errors that mean "this object is gone or unreadable", as opposed to "storage is unwell".
 INPUT_FAULTS = (FileNotFoundError, IsADirectoryError, PermissionError)
 
+#: Extra attempts at objects whose fetch failed for a reason that is not the input's fault.
+STORAGE_RETRIES = 3
+
 
 class ReadBytes:
     """Batch stage: add a `bytes` column holding each object's content, fetched concurrently."""
 
-    def __init__(self, storage_options: dict[str, Any] | None = None):
+    def __init__(self, storage_options: dict[str, Any] | None = None, *,
+                 retries: int = STORAGE_RETRIES, backoff_s: float = 0.5):
         self.storage_options = storage_options or {}
+        self.retries = retries
+        self.backoff_s = backoff_s
         self._fs = None
+
+    def _fetch(self, paths: list[str]) -> list:
+        """`cat_ranges` with bounded, backed-off retries of the objects that hit a storage fault
+        (network, throttling, credentials); a fault that persists is raised, failing the run."""
+        results = self._fs.cat_ranges(paths, None, None, on_error="return")
+        for attempt in range(self.retries + 1):
+            todo = [i for i, v in enumerate(results)
+                    if isinstance(v, BaseException) and not isinstance(v, INPUT_FAULTS)]
+            if not todo:
+                return results
+            if attempt == self.retries:
+                exc = results[todo[0]]
+                raise OSError(f"reading {len(todo)} objects failed {self.retries + 1} times, "
+                              f"last with {type(exc).__name__}: {exc} (first: {paths[todo[0]]})"
+                              ) from exc
+            log.warning("reading %d objects failed (%s); retry %d of %d",
+                        len(todo), type(results[todo[0]]).__name__, attempt + 1, self.retries)
+            time.sleep(self.backoff_s * 2 ** attempt)
+            again = self._fs.cat_ranges([paths[i] for i in todo], None, None, on_error="return")
+            for i, value in zip(todo, again):
+                results[i] = value
+        return results
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         uris = [str(u) for u in batch["uri"]]
@@ -111,14 +139,11 @@ class ReadBytes:
                 self._fs, _ = storage.filesystem(uris[0], self.storage_options)
             paths = [self._fs._strip_protocol(u) for u in uris]
             # cat_ranges, unlike cat, never glob-expands names such as "img[1].jpg".
-            results = self._fs.cat_ranges(paths, None, None, on_error="return")
-            for i, value in enumerate(results):
+            # Storage faults (not the input's) are retried in _fetch and raised if they persist:
+            # they fail the run loudly and are never recorded as bad images.
+            for i, value in enumerate(self._fetch(paths)):
                 if isinstance(value, INPUT_FAULTS):
                     set_error(out, i, Stage.READ, value)
-                elif isinstance(value, BaseException):
-                    # Not the input's fault (network, throttling, credentials): let Ray retry
-                    # the task and fail the run loudly if it persists, never record a bad image.
-                    raise value
                 else:
                     data[i] = value
         out["bytes"] = data
