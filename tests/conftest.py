@@ -22,7 +22,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+        # address="local": a private instance, never a cluster another process started here.
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 
