@@ -15,6 +15,7 @@ import csv
 import gzip
 import io
 import logging
+import posixpath
 import tarfile
 import time
 import zlib
@@ -356,7 +357,8 @@ def _resolve(entry: str, base: str) -> str:
     """Manifest entries: URIs and absolute paths as given; relative paths from the manifest."""
     if "://" in entry or entry.startswith("/"):
         return entry
-    return storage.join(base, entry)
+    proto, sep, path = base.rpartition("://")
+    return f"{proto}{sep}{posixpath.normpath(posixpath.join(path, entry))}"
 
 
 #: Errors that mean "this object is gone or unreadable", as opposed to "storage is unwell".

@@ -82,7 +82,7 @@ def dataset(s3, few_photos):
         fs.pipe(f"{BUCKET}/parquet/{name}.parquet", buf.getvalue())
     # manifest: relative and absolute entries, and one object that does not exist
     lines = ["uri,label"] + [
-        (f"images/{'ab'[i % 2]}/{n}" if i % 2 else f"s3://{BUCKET}/images/{'ab'[i % 2]}/{n}")
+        (f"../images/{'ab'[i % 2]}/{n}" if i % 2 else f"s3://{BUCKET}/images/{'ab'[i % 2]}/{n}")
         + f",{n}" for i, n in enumerate(names)] + [f"s3://{BUCKET}/images/missing.jpg,missing"]
     fs.pipe(f"{BUCKET}/lists/manifest.csv", ("\n".join(lines) + "\n").encode())
     return {"names": names, "local": [os.path.join(few_photos, n) for n in names]}
@@ -114,18 +114,23 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def outputs(s3, dataset, resnet18_weights, ray_local):
-    """Run the job once per format, s3:// in and out, credentials only in --storage-options."""
+    """`outputs(fmt)`: run the job for that format once (cached), s3:// in and out, credentials
+    only in --storage-options; returns (files, rows, error tables, summary)."""
     fs = s3.fs()
     results = {}
-    for fmt, (prefix, flags, *_rest) in CASES.items():
-        out = f"s3://{BUCKET}/out/{fmt}"
-        result = run(_cfg("--input", f"s3://{BUCKET}/{prefix}", "--output", out,
-                          "--model", "resnet18", "--weights", resnet18_weights,
-                          "--rows-per-file", "4", "--storage-options",
-                          json.dumps(s3.storage_options()), *flags))
-        assert result.exit_code == 0, result.reason
-        results[fmt] = _read_output(fs, out)
-    return results
+
+    def get(fmt: str):
+        if fmt not in results:
+            prefix, flags, *_rest = CASES[fmt]
+            out = f"s3://{BUCKET}/out/{fmt}"
+            result = run(_cfg("--input", f"s3://{BUCKET}/{prefix}", "--output", out,
+                              "--model", "resnet18", "--weights", resnet18_weights,
+                              "--rows-per-file", "4", "--overwrite", "--storage-options",
+                              json.dumps(s3.storage_options()), *flags))
+            assert result.exit_code == 0, result.reason
+            results[fmt] = _read_output(fs, out)
+        return results[fmt]
+    return get
 
 
 def _embeddings_by_photo(fmt: str, rows: pa.Table, names: list[str]) -> np.ndarray:
@@ -140,7 +145,7 @@ def _embeddings_by_photo(fmt: str, rows: pa.Table, names: list[str]) -> np.ndarr
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", list(CASES))
 def test_s3_job_each_format(fmt, outputs, dataset, resnet18_weights):
-    files, rows, errors, summary = outputs[fmt]
+    files, rows, errors, summary = outputs(fmt)
     _prefix, _flags, inputs, failed, skipped = CASES[fmt]
     names = dataset["names"]
     assert summary["input_format"] == fmt
@@ -178,13 +183,13 @@ def test_s3_job_each_format(fmt, outputs, dataset, resnet18_weights):
 @pytest.mark.slow
 def test_formats_agree_and_secrets_stay_out(s3, outputs, dataset):
     names = dataset["names"]
-    embs = {fmt: _embeddings_by_photo(fmt, outputs[fmt][1], names) for fmt in CASES}
+    embs = {fmt: _embeddings_by_photo(fmt, outputs(fmt)[1], names) for fmt in CASES}
     for fmt in CASES:
         np.testing.assert_allclose(embs[fmt], embs["images"], rtol=0, atol=1e-4)
     fs = s3.fs()
     for path in fs.find(f"{BUCKET}/out"):
         assert SECRET_KEY.encode() not in fs.cat_file(path), path
-    summary = outputs["images"][3]
+    summary = outputs("images")[3]
     assert summary["config"]["storage_options"] == ["client_kwargs", "key", "secret"]
 
 
