@@ -92,7 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "into one that already holds files)")
     io.add_argument("--rows-per-file", type=int, default=None,
                     help="input images per output part file (default: aim at ~128 MB files, "
-                    "e.g. ~15,000 rows for resnet50 embeddings + top-5, ~55,000 for resnet18)")
+                    "e.g. ~16,000 rows for resnet50 embeddings + top-5, ~60,000 for resnet18)")
     io.add_argument("--storage-options", default=None,
                     help="JSON object passed to fsspec for input, output and weights URIs, e.g. "
                     "'{\"anon\": true}' or '{\"profile\": \"prod\"}'; credentials otherwise "
