@@ -25,7 +25,7 @@ from resnet_features.config import ExtractConfig
 from resnet_features.decode import Decode, DecodeOptions
 from resnet_features.inference import InferenceOptions, ModelRunner, precision_name
 from resnet_features.models import ModelSpec, resolve_model
-from resnet_features.reader import InputSpec, Listing, ReadBytes, list_inputs
+from resnet_features.reader import InputSpec, Listing, ReadBytes, list_inputs, listing_blocks
 from resnet_features.writer import PartWriter, auto_rows_per_file, now_iso
 
 __all__ = ["JobResult", "OutputExistsError", "run"]
@@ -116,7 +116,7 @@ def build_dataset(
     table = listing.table  # listing columns only: carried input columns stay on the driver
     group = read_group_size(table.num_rows, ray.cluster_resources().get("CPU", 1),
                             cfg.decode_batch_size)
-    blocks = [table.slice(i, group) for i in range(0, table.num_rows, group)]
+    blocks = listing_blocks(listing, group)
     ds = ray.data.from_arrow(blocks)
     decode_options = DecodeOptions(
         max_image_pixels=cfg.max_image_pixels or DecodeOptions().max_image_pixels,

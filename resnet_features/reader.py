@@ -41,6 +41,7 @@ __all__ = [
     "detect_format",
     "list_images",
     "list_inputs",
+    "listing_blocks",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ MANIFEST_SUFFIXES = (".txt", ".csv", ".tsv", ".lst")
 INPUT_FORMATS = ("auto", "images", "tar", "parquet", "manifest")
 
 #: Listing rows: `source` is the object to read; `offset`/`length` a byte range in it (tar
-#: members) or `offset` = row number in the file (Parquet); -1 when the whole object is the image.
+#: members), or for Parquet `offset` = row number in the file and `length` = its row group;
+#: -1 when the whole object is the image.
 LISTING_SCHEMA = pa.schema(
     [
         ("index", pa.int64()),
@@ -198,6 +200,28 @@ def list_inputs(uri: str, spec: InputSpec | None = None,
                    extra=extra, sources=len(files), notes=notes)
 
 
+def listing_blocks(listing: Listing, group: int) -> list[pa.Table]:
+    """Slices of the listing, one per read task, of about `group` rows. Parquet blocks follow
+    row-group boundaries (small groups merged, big ones whole): a column chunk is the smallest
+    unit Parquet can fetch, so splitting a row group would re-read it once per block."""
+    table = listing.table
+    n = table.num_rows
+    if listing.format != "parquet" or n == 0:
+        return [table.slice(i, group) for i in range(0, n, group)]
+    src = table.column("source").to_numpy(zero_copy_only=False)
+    rg = table.column("length").to_numpy()
+    bounds = np.flatnonzero((src[1:] != src[:-1]) | (rg[1:] != rg[:-1])) + 1
+    starts = [0, *bounds.tolist()]
+    ends = [*bounds.tolist(), n]
+    blocks, begin = [], 0
+    for start, end in zip(starts, ends):
+        if start > begin and end - begin > group:
+            blocks.append(table.slice(begin, start - begin))
+            begin = start
+    blocks.append(table.slice(begin, n - begin))
+    return blocks
+
+
 def list_images(uri: str, storage_options: dict[str, Any] | None = None) -> Listing:
     """Recursively list image files under `uri` (extensions matched case-insensitively)."""
     return list_inputs(uri, InputSpec(format="images"), storage_options)
@@ -299,20 +323,25 @@ def _list_parquet(fs, files, spec: InputSpec):
             _image_field(schema, spec.image_column)
             _check_columns(schema.names, carry, f"Parquet file {path}")
             extra = pf.read(columns=carry) if carry else None
-            return pf.metadata.num_rows, extra
+            md = pf.metadata
+            groups = np.repeat(np.arange(md.num_row_groups),
+                               [md.row_group(g).num_rows for g in range(md.num_row_groups)])
+            return md.num_rows, extra, groups
 
     with ThreadPoolExecutor(LIST_THREADS) as pool:
         per_file = list(pool.map(read, paths))
-    uris, sources, offsets, extras = [], [], [], []
-    for path, (rows, extra) in zip(paths, per_file):
+    uris, sources, offsets, groups, extras = [], [], [], [], []
+    for path, (rows, extra, row_groups) in zip(paths, per_file):
         file_uri = storage.full_uri(fs, path)
         uris += [f"{file_uri}#{i}" for i in range(rows)]
         sources += [file_uri] * rows
         offsets += range(rows)
+        groups.append(row_groups)
         if extra is not None:
             extras.append(extra)
     n = len(uris)
-    table = _table(uris, [0] * n, sources, offsets, [-1] * n)
+    table = _table(uris, [0] * n, sources, offsets,
+                   np.concatenate(groups) if groups else np.zeros(0, np.int64))
     extra = pa.concat_tables(extras, promote_options="permissive") if extras else None
     return table, extra, 0, {"files": len(paths), "skipped_files": skipped_files}
 

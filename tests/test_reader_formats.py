@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from resnet_features.reader import InputError, InputSpec, ReadBytes, list_inputs
+from resnet_features.reader import InputError, InputSpec, ReadBytes, list_inputs, listing_blocks
 
 
 def _fetch(listing, **kw):
@@ -123,3 +123,16 @@ def test_glob_and_detection(tmp_path, few_photos):
     assert listing.table.num_rows == len([n for n in os.listdir(few_photos) if n.endswith(".jpg")])
     with pytest.raises(InputError, match="matches nothing"):
         list_inputs(str(tmp_path / "*.png"))
+
+
+def test_parquet_blocks_follow_row_groups(tmp_path, blobs):
+    data = list(blobs.values())
+    pq.write_table(pa.table({"image": data * 3}), tmp_path / "a.parquet", row_group_size=5)
+    pq.write_table(pa.table({"image": data[:2]}), tmp_path / "b.parquet")
+    listing = list_inputs(str(tmp_path))
+    blocks = listing_blocks(listing, 8)
+    rows = [b.column("index").to_pylist() for b in blocks]
+    assert [i for r in rows for i in r] == list(range(20))  # every row once, in order
+    meta = pq.ParquetFile(tmp_path / "a.parquet").metadata
+    starts = {0, 18} | {sum(meta.row_group(g).num_rows for g in range(k)) for k in range(4)}
+    assert all(r[0] in starts for r in rows), rows  # no row group is split across blocks
