@@ -262,7 +262,7 @@ def test_ray_job_submit_s3(s3, dataset, resnet18_weights):
             [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}",
              "--working-dir", ROOT, "--runtime-env-json",
              json.dumps({"excludes": [".venv", ".git", "demo", "*.pth"]}), "--",
-             "python", "jobs/extract.py", "--input", f"s3://{BUCKET}/tar/",
+             sys.executable, "jobs/extract.py", "--input", f"s3://{BUCKET}/tar/",
              "--output", out, "--model", "resnet18",
              "--weights", f"s3://{BUCKET}/weights/resnet18.pth", "--device", "cpu"],
             env=env, capture_output=True, text=True, timeout=420)
