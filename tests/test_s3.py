@@ -256,9 +256,9 @@ def test_ray_job_submit_s3(s3, dataset, resnet18_weights):
          "--include-dashboard=true", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = f"s3://{BUCKET}/out/submitted"
-    try:
-        _wait_for_port(dash, 180)
-        job = subprocess.run(
+
+    def _submit() -> subprocess.CompletedProcess:
+        return subprocess.run(
             [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}",
              "--working-dir", ROOT, "--runtime-env-json",
              json.dumps({"excludes": [".venv", ".git", "demo", "*.pth"]}), "--",
@@ -266,6 +266,16 @@ def test_ray_job_submit_s3(s3, dataset, resnet18_weights):
              "--output", out, "--model", "resnet18",
              "--weights", f"s3://{BUCKET}/weights/resnet18.pth", "--device", "cpu"],
             env=env, capture_output=True, text=True, timeout=420)
+
+    try:
+        _wait_for_port(dash, 180)
+        deadline = time.monotonic() + 120
+        while True:
+            job = _submit()
+            # The dashboard answers before its job agent is up; nothing was submitted then.
+            if "No available agent" not in job.stderr + job.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(3)
     finally:
         _stop_cluster(head, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
