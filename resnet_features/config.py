@@ -35,7 +35,7 @@ class ExtractConfig:
     num_cpus_per_worker: float | None = None  # CPU model actors; None: half the cluster's CPUs
     decode_batch_size: int = 16
     decode_num_cpus: float = 1.0
-    rows_per_file: int = 50_000
+    rows_per_file: int | None = None  # None: aim at ~128 MB files (see writer.auto_rows_per_file)
     max_error_rate: float = 0.05
     max_image_pixels: int | None = None  # None: Pillow's default limit
     max_image_bytes: int = 256 * 1024 * 1024
@@ -43,6 +43,11 @@ class ExtractConfig:
     compile: bool = False
     overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
+    input_format: str = "auto"
+    image_column: str = "image"
+    id_column: str | None = None
+    uri_column: str = "uri"
+    keep_columns: tuple[str, ...] = ()
 
     def public_dict(self) -> dict[str, Any]:
         """The config as recorded in outputs: storage options (credentials) are redacted."""
@@ -59,19 +64,41 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     io = p.add_argument_group("input and output")
-    io.add_argument("--input", help="folder of images: local path or fsspec URI (s3://bucket/"
-                    "prefix, ...); listed recursively, extensions jpg/jpeg/png/webp/bmp/gif/tif/"
-                    "tiff in any case")
+    io.add_argument("--input", help="local path or fsspec URI (s3://bucket/prefix, gs://, az://, "
+                    "https://...) of a folder/prefix (listed recursively), a glob, or one file: "
+                    "images (jpg/jpeg/png/webp/bmp/gif/tif/tiff, any case), tar shards, Parquet "
+                    "files or a manifest; see --input-format")
+    io.add_argument("--input-format", default="auto",
+                    choices=("auto", "images", "tar", "parquet", "manifest"),
+                    help="auto: images if the input holds image files, else tar if it holds "
+                    "*.tar/*.tar.gz/*.tgz shards (one row per image member, uri "
+                    "SHARD#MEMBER), else parquet if it holds *.parquet files (one row per row, "
+                    "uri FILE#ROW), else manifest for a single .txt/.csv/.tsv/.lst file; a "
+                    "Parquet manifest needs --input-format manifest")
+    io.add_argument("--image-column", default="image",
+                    help="parquet input: column with the image bytes (binary, or a struct with "
+                    "a 'bytes' field as Hugging Face datasets write)")
+    io.add_argument("--id-column", default=None,
+                    help="parquet input: a column copied into every output row (e.g. your key)")
+    io.add_argument("--uri-column", default="uri",
+                    help="CSV/TSV/Parquet manifest: the column holding image URIs or paths "
+                    "(relative paths are resolved against the manifest's folder)")
+    io.add_argument("--keep-columns", default=None,
+                    help="comma-separated parquet/manifest columns copied into the output rows")
     io.add_argument("--output", help="output folder (local path or fsspec URI) for Parquet parts, "
                     "_errors/ and the _SUCCESS run summary")
     io.add_argument("--overwrite", action="store_true",
                     help="replace an existing output folder (otherwise the job refuses to write "
                     "into one that already holds files)")
-    io.add_argument("--rows-per-file", type=int, default=50_000,
-                    help="input images per output part file")
+    io.add_argument("--rows-per-file", type=int, default=None,
+                    help="input images per output part file (default: aim at ~128 MB files, "
+                    "e.g. ~16,000 rows for resnet50 embeddings + top-5, ~60,000 for resnet18)")
     io.add_argument("--storage-options", default=None,
                     help="JSON object passed to fsspec for input, output and weights URIs, e.g. "
-                    "'{\"anon\": true}'; values never appear in logs or outputs")
+                    "'{\"anon\": true}' or '{\"profile\": \"prod\"}'; credentials otherwise "
+                    "come from the environment, AWS config/profile or instance role, and "
+                    "AWS_ENDPOINT_URL points s3:// at MinIO/Ceph; values never appear in logs "
+                    "or outputs")
     io.add_argument("--demo", action="store_true",
                     help="write sample photos (from scikit-image) to ./demo/images and extract "
                     "them to ./demo/output, unless --input/--output say otherwise; uses the "
@@ -153,6 +180,15 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
                           "named weights (they bring their own preprocessing)")
     if args.device == "cpu" and args.precision in ("bf16", "fp16"):
         raise ConfigError("--precision bf16/fp16 needs --device cuda (CPU runs in fp32)")
+    keep = tuple(c.strip() for c in (args.keep_columns or "").split(",") if c.strip())
+    reserved = {"uri", "embedding", "topk_ids", "topk_labels", "topk_scores", "width", "height"}
+    clash = sorted(reserved.intersection(keep + ((args.id_column,) if args.id_column else ())))
+    if clash:
+        raise ConfigError(f"--keep-columns/--id-column {', '.join(clash)} would overwrite output "
+                          f"columns of the same name; rename them in the input")
+    if (args.id_column or args.image_column != "image") and args.input_format not in (
+            "auto", "parquet"):
+        raise ConfigError("--id-column and --image-column apply to --input-format parquet")
     input_uri = args.input if "://" in args.input else os.path.abspath(args.input)
     output_uri = args.output if "://" in args.output else os.path.abspath(args.output)
     return ExtractConfig(
@@ -180,4 +216,9 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         compile=args.compile,
         overwrite=args.overwrite,
         storage_options=storage_options,
+        input_format=args.input_format,
+        image_column=args.image_column,
+        id_column=args.id_column,
+        uri_column=args.uri_column,
+        keep_columns=keep,
     )

@@ -26,8 +26,8 @@ from resnet_features.config import ExtractConfig
 from resnet_features.decode import Decode, DecodeOptions
 from resnet_features.inference import InferenceOptions, ModelRunner, precision_name
 from resnet_features.models import ModelSpec, resolve_model
-from resnet_features.reader import Listing, ReadBytes, list_images
-from resnet_features.writer import PartWriter, now_iso
+from resnet_features.reader import InputSpec, Listing, ReadBytes, list_inputs, listing_blocks
+from resnet_features.writer import PartWriter, auto_rows_per_file, now_iso
 
 __all__ = ["JobResult", "OutputExistsError", "run"]
 
@@ -114,10 +114,10 @@ def build_dataset(
     runner_cls: Callable = ModelRunner,
 ) -> ray.data.Dataset:
     """The streaming Dataset of result batches; nothing runs until it is iterated."""
-    table = listing.table
+    table = listing.table  # listing columns only: carried input columns stay on the driver
     group = read_group_size(table.num_rows, ray.cluster_resources().get("CPU", 1),
                             cfg.decode_batch_size)
-    blocks = [table.slice(i, group) for i in range(0, table.num_rows, group)]
+    blocks = listing_blocks(listing, group)
     ds = ray.data.from_arrow(blocks)
     decode_options = DecodeOptions(
         max_image_pixels=cfg.max_image_pixels or DecodeOptions().max_image_pixels,
@@ -130,7 +130,9 @@ def build_dataset(
     with warnings.catch_warnings():
         # Ray 2.60 deprecates retry options as **ray_remote_args but names no replacement yet.
         warnings.simplefilter("ignore", RayDeprecationWarning)
-        ds = ds.map_batches(ReadBytes(cfg.storage_options), batch_size=None,
+        read = ReadBytes(cfg.storage_options, input_format=listing.format,
+                         image_column=cfg.image_column)
+        ds = ds.map_batches(read, batch_size=None,
                             batch_format="numpy", num_cpus=cfg.decode_num_cpus,
                             max_retries=TASK_RETRIES)
         ds = ds.map_batches(Decode(spec.preprocessing, decode_options),
@@ -168,7 +170,9 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     spec, state_dict = resolve_model(cfg.model, cfg.weights, preprocess_from=cfg.preprocess_from,
                                      storage_options=cfg.storage_options,
                                      weights_sha256=cfg.weights_sha256)
-    listing = list_images(cfg.input, cfg.storage_options)
+    listing = list_inputs(cfg.input, InputSpec(
+        format=cfg.input_format, image_column=cfg.image_column, id_column=cfg.id_column,
+        uri_column=cfg.uri_column, keep_columns=cfg.keep_columns), cfg.storage_options)
     _prepare_output(cfg)
     _init_ray()
     device = _resolve_device(cfg)
@@ -183,14 +187,16 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         "precision": precision_name(options),
         "device": device,
     }
+    rows_per_file = cfg.rows_per_file or auto_rows_per_file(spec, cfg.task, cfg.top_k)
     writer = PartWriter(cfg.output, spec=spec, task=cfg.task, listing=listing.table,
-                        rows_per_file=cfg.rows_per_file, file_metadata=file_metadata,
-                        storage_options=cfg.storage_options)
+                        rows_per_file=rows_per_file, file_metadata=file_metadata,
+                        storage_options=cfg.storage_options, extra=listing.extra)
     state_ref = [ray.put(state_dict)] if state_dict is not None else []
     ds = build_dataset(cfg, listing, spec, state_ref, options, runner_cls)
     n, done, last_log = listing.table.num_rows, 0, time.perf_counter()
-    work_t0 = time.perf_counter()
+    work_t0, bytes_read = time.perf_counter(), 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        bytes_read += int(batch["bytes_read"].sum()) if "bytes_read" in batch else 0
         writer.add(batch)
         done += len(batch["index"])
         if time.perf_counter() - last_log > 10:
@@ -225,6 +231,10 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         "listing_seconds": round(listing.seconds, 3),
         "bytes_listed": int(pa.compute.sum(listing.table.column("size_bytes")).as_py() or 0),
         "skipped_non_image": listing.skipped_non_image,
+        "input_format": listing.format,
+        "input_objects": listing.sources,
+        "bytes_read": bytes_read,
+        "rows_per_file": rows_per_file,
         "files": stats.data_files,
         "error_files": stats.error_files,
         "versions": {"resnet_features": __version__, "torch": torch.__version__,

@@ -57,6 +57,22 @@ def output_schema(spec: ModelSpec, task: str, metadata: dict[str, str] | None = 
     return pa.schema(fields, metadata=metadata)
 
 
+#: Output file size `auto_rows_per_file` aims at: big enough for efficient downstream scans,
+#: small enough for many parallel readers (64-256 MB is the usual advice for Parquet).
+TARGET_FILE_BYTES = 128 * 1024 * 1024
+
+
+def auto_rows_per_file(spec: ModelSpec, task: str, top_k: int) -> int:
+    """Rows per part for ~TARGET_FILE_BYTES files: float32 embeddings barely compress, so the
+    embedding dominates; top-k lists and the uri add roughly 20 bytes per k plus ~100."""
+    per_row = 100
+    if task in ("embed", "both"):
+        per_row += 4 * spec.embedding_dim
+    if task in ("classify", "both"):
+        per_row += 20 * top_k
+    return max(1000, TARGET_FILE_BYTES // per_row)
+
+
 def part_name(part: int) -> str:
     return f"part-{part:05d}.parquet"
 
@@ -94,6 +110,7 @@ class PartWriter:
         rows_per_file: int,
         file_metadata: dict[str, Any],
         storage_options: dict[str, Any] | None = None,
+        extra: pa.Table | None = None,
     ):
         self.fs, self.root = storage.filesystem(output_uri, storage_options)
         self.output_uri = output_uri
@@ -103,6 +120,11 @@ class PartWriter:
         self.categories = np.asarray(spec.categories, dtype=object)
         meta = {"resnet_features": json.dumps(file_metadata, sort_keys=True)}
         self.schema = output_schema(spec, task, meta)
+        # Input columns carried through (--id-column/--keep-columns), row i = listing index i.
+        self.extra = extra
+        if extra is not None:
+            for f in extra.schema:
+                self.schema = self.schema.append(f)
         self.error_schema = ERROR_SCHEMA.with_metadata(meta)
         self.n_inputs = listing.num_rows
         self.n_parts = max(1, -(-self.n_inputs // rows_per_file))
@@ -157,6 +179,10 @@ class PartWriter:
                                               pa.float32())
         cols["width"] = pa.array(rows["width"].astype(np.int32))
         cols["height"] = pa.array(rows["height"].astype(np.int32))
+        if self.extra is not None:
+            taken = self.extra.take(pa.array(rows["index"].astype(np.int64)))
+            for name in taken.column_names:
+                cols[name] = taken.column(name).combine_chunks()
         return pa.Table.from_pydict(cols, schema=self.schema)
 
     def _errors_table(self, rows: dict[str, np.ndarray]) -> pa.Table:

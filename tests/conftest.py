@@ -22,8 +22,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        # address="local": always a fresh instance, never a `ray start` cluster that another
-        # test (or process) left on this machine.
+        # address="local": a private instance, never a cluster another process started here.
         ray.init(address="local", num_cpus=2, include_dashboard=False,
                  logging_level=logging.WARNING)
     yield ray

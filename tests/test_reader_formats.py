@@ -1,0 +1,138 @@
+"""Listing and fetching for every input format, without Ray: bytes must equal the real files."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from resnet_features.reader import InputError, InputSpec, ReadBytes, list_inputs, listing_blocks
+
+
+def _fetch(listing, **kw):
+    t = listing.table
+    batch = {k: t.column(k).to_numpy(zero_copy_only=False) for k in t.column_names}
+    return ReadBytes(input_format=listing.format, **kw)(batch)
+
+
+@pytest.fixture()
+def blobs(few_photos):
+    names = sorted(os.listdir(few_photos))
+    return {n: open(os.path.join(few_photos, n), "rb").read() for n in names}
+
+
+def _write_tar(path, members, gz=False):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    with open(path, "wb") as f:
+        f.write(gzip.compress(data) if gz else data)
+    return data
+
+
+def test_tar_members_by_range_and_gz(tmp_path, blobs):
+    names = list(blobs)
+    big_gap = os.urandom(3 << 20)  # a 3 MB non-image member: forces two range requests
+    _write_tar(tmp_path / "a.tar", [(f"../{names[0]}", blobs[names[0]]), ("gap.bin", big_gap)]
+               + [(n, blobs[n]) for n in names[1:4]])
+    _write_tar(tmp_path / "b.tar.gz", [(n, blobs[n]) for n in names[4:]], gz=True)
+    listing = list_inputs(str(tmp_path), InputSpec())
+    assert listing.format == "tar" and listing.skipped_non_image == 1
+    out = _fetch(listing)
+    got = {u.split("#", 1)[1]: b for u, b in zip(out["uri"], out["bytes"])}
+    assert got == {f"../{names[0]}": blobs[names[0]], **{n: blobs[n] for n in names[1:]}}
+    assert not any(out["error_stage"])
+    assert out["bytes_read"].sum() == sum(len(b) for b in blobs.values())
+    assert not (tmp_path / ".." / names[0]).exists()  # never extracted
+
+
+def test_truncated_tar_member_and_missing_shard_are_error_rows(tmp_path, blobs):
+    names = list(blobs)
+    data = _write_tar(tmp_path / "a.tar", [(n, blobs[n]) for n in names[:2]])
+    listing = list_inputs(str(tmp_path / "a.tar"), InputSpec())
+    # The shard is cut inside the second member after listing; then the first one vanishes.
+    (tmp_path / "a.tar").write_bytes(data[: 1024 + len(blobs[names[0]]) + 1024])
+    out = _fetch(listing)
+    assert list(out["error_stage"]) == ["", "read"]
+    assert "truncated" in out["error_message"][1]
+    os.remove(tmp_path / "a.tar")
+    out = _fetch(listing)
+    assert list(out["error_stage"]) == ["read", "read"]
+    assert set(out["error_type"]) == {"FileNotFoundError"}
+
+
+def test_parquet_struct_and_binary_layouts(tmp_path, blobs):
+    names = list(blobs)
+    pq.write_table(pa.table({"img": [{"bytes": blobs[n], "path": n} for n in names[:3]],
+                             "id": [10, 11, 12]}), tmp_path / "a.parquet", row_group_size=2)
+    pq.write_table(pa.table({"img": pa.array([blobs[n] for n in names[3:]] + [b""]),
+                             "id": [13, 14, 15, 16]}), tmp_path / "b.parquet", row_group_size=1)
+    spec = InputSpec(image_column="img", id_column="id")
+    listing = list_inputs(str(tmp_path), spec)
+    assert listing.format == "parquet"
+    assert listing.extra.column("id").to_pylist() == [10, 11, 12, 13, 14, 15, 16]
+    # A block that starts mid-file and skips row groups still gets the right rows.
+    t = listing.table.take(pa.array([6, 1, 4]))
+    out = ReadBytes(input_format="parquet", image_column="img")(
+        {k: t.column(k).to_numpy(zero_copy_only=False) for k in t.column_names})
+    assert out["bytes"][1] == blobs[names[1]] and out["bytes"][2] == blobs[names[4]]
+    assert list(out["error_stage"]) == ["read", "", ""]
+    with pytest.raises(InputError, match="--image-column"):
+        list_inputs(str(tmp_path), InputSpec(image_column="nope"))
+
+
+def test_manifest_text_csv_and_parquet(tmp_path, blobs, few_photos):
+    names = list(blobs)
+    (tmp_path / "list.txt").write_text(
+        "# comment\n" + "\n".join(os.path.join(few_photos, n) for n in names[:2]) + "\n\n")
+    listing = list_inputs(str(tmp_path / "list.txt"))
+    assert listing.format == "manifest" and listing.table.num_rows == 2
+    assert list(_fetch(listing)["bytes"]) == [blobs[n] for n in names[:2]]
+    os.symlink(few_photos, tmp_path / "photos")
+    (tmp_path / "m.csv").write_text("path,label\n" + "".join(
+        f"photos/{n},{n.upper()}\n" for n in names) + "photos/missing.jpg,x\n")
+    listing = list_inputs(str(tmp_path / "m.csv"), InputSpec(uri_column="path",
+                                                            keep_columns=("label",)))
+    out = _fetch(listing)
+    assert list(out["bytes"][:-1]) == [blobs[n] for n in names]
+    assert out["error_stage"][-1] == "read"
+    assert listing.extra.column("label").to_pylist()[:2] == [n.upper() for n in names[:2]]
+    pq.write_table(pa.table({"uri": [os.path.join(few_photos, n) for n in names],
+                             "w": np.arange(len(names))}), tmp_path / "m.parquet")
+    listing = list_inputs(str(tmp_path / "m.parquet"),
+                          InputSpec(format="manifest", keep_columns=("w",)))
+    assert listing.table.num_rows == len(names) and listing.extra.column("w").type == pa.int64()
+    with pytest.raises(InputError, match="no column"):
+        list_inputs(str(tmp_path / "m.csv"), InputSpec(uri_column="uri"))
+
+
+def test_glob_and_detection(tmp_path, few_photos):
+    listing = list_inputs(os.path.join(few_photos, "*.jpg"))
+    assert listing.format == "images"
+    assert all(u.endswith(".jpg") for u in listing.table.column("uri").to_pylist())
+    assert listing.table.num_rows == len([n for n in os.listdir(few_photos) if n.endswith(".jpg")])
+    with pytest.raises(InputError, match="matches nothing"):
+        list_inputs(str(tmp_path / "*.png"))
+
+
+def test_parquet_blocks_follow_row_groups(tmp_path, blobs):
+    data = list(blobs.values())
+    pq.write_table(pa.table({"image": data * 3}), tmp_path / "a.parquet", row_group_size=5)
+    pq.write_table(pa.table({"image": data[:2]}), tmp_path / "b.parquet")
+    listing = list_inputs(str(tmp_path))
+    blocks = listing_blocks(listing, 8)
+    rows = [b.column("index").to_pylist() for b in blocks]
+    assert [i for r in rows for i in r] == list(range(20))  # every row once, in order
+    meta = pq.ParquetFile(tmp_path / "a.parquet").metadata
+    starts = {0, 18} | {sum(meta.row_group(g).num_rows for g in range(k)) for k in range(4)}
+    assert all(r[0] in starts for r in rows), rows  # no row group is split across blocks

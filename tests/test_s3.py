@@ -1,0 +1,287 @@
+"""s3:// in and out on a real S3 server (moto on 127.0.0.1), for every input format.
+
+The same six photos are stored as plain objects, as tar shards (plain and gzipped), as Parquet
+(struct and binary layouts) and behind a CSV manifest; every format must give every image's row,
+the right summary counts, and the embeddings eager torchvision gives on the local files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import cosine, reference_outputs
+from s3_server import SECRET_KEY, moto_s3
+
+from resnet_features.config import config_from_args, get_args_parser
+from resnet_features.pipeline import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = "data"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with moto_s3() as server:
+        server.make_bucket(BUCKET)
+        yield server
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        d = tarfile.TarInfo("subdir")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dataset(s3, few_photos):
+    """Upload the photos in every format; return what each format must produce."""
+    fs = s3.fs()
+    names = sorted(os.listdir(few_photos))
+    assert len(names) == 6
+    blobs = {n: open(os.path.join(few_photos, n), "rb").read() for n in names}
+    # images: a recursive prefix, plus a file that is not an image
+    for i, n in enumerate(names):
+        fs.pipe(f"{BUCKET}/images/{'ab'[i % 2]}/{n}", blobs[n])
+    fs.pipe(f"{BUCKET}/images/notes.txt", b"not an image")
+    # tar: WebDataset-style shards, one plain, one gzipped, with metadata and a "../" name
+    first = [(f"{os.path.splitext(n)[0]}.json", b"{}") for n in names[:4]]
+    members0 = [(("../" if i == 0 else "") + n, blobs[n]) for i, n in enumerate(names[:4])]
+    fs.pipe(f"{BUCKET}/tar/shard-000000.tar", _tar(members0 + first))
+    fs.pipe(f"{BUCKET}/tar/shard-000001.tar.gz",
+            gzip.compress(_tar([(n, blobs[n]) for n in names[4:]] + [("README.txt", b"x")])))
+    # parquet: {bytes, path} structs in small row groups, then plain binary with a null cell
+    t0 = pa.table({"image": [{"bytes": blobs[n], "path": n} for n in names[:4]],
+                   "key": [f"k{i}" for i in range(4)], "label": names[:4]})
+    t1 = pa.table({"image": pa.array([blobs[n] for n in names[4:]] + [None], pa.binary()),
+                   "key": ["k4", "k5", "k6"], "label": names[4:] + ["null-cell"]})
+    for name, t in (("p0", t0), ("p1", t1)):
+        buf = io.BytesIO()
+        pq.write_table(t, buf, row_group_size=2)
+        fs.pipe(f"{BUCKET}/parquet/{name}.parquet", buf.getvalue())
+    # manifest: relative and absolute entries, and one object that does not exist
+    lines = ["uri,label"] + [
+        (f"../images/{'ab'[i % 2]}/{n}" if i % 2 else f"s3://{BUCKET}/images/{'ab'[i % 2]}/{n}")
+        + f",{n}" for i, n in enumerate(names)] + [f"s3://{BUCKET}/images/missing.jpg,missing"]
+    fs.pipe(f"{BUCKET}/lists/manifest.csv", ("\n".join(lines) + "\n").encode())
+    return {"names": names, "local": [os.path.join(few_photos, n) for n in names]}
+
+
+def _cfg(*argv: str):
+    return config_from_args(get_args_parser().parse_args(list(argv)))
+
+
+def _read_output(fs, out: str):
+    root = out.removeprefix("s3://")
+    files = sorted(p.removeprefix(root + "/") for p in fs.find(root))
+    parts = [p for p in files if p.startswith("part-")]
+    rows = pa.concat_tables([pq.read_table(f"{root}/{p}", filesystem=fs) for p in parts])
+    errors = [pq.read_table(f"{root}/{p}", filesystem=fs) for p in files
+              if p.startswith("_errors/")]
+    summary = json.loads(fs.cat_file(f"{root}/_SUCCESS"))
+    return files, rows, errors, summary
+
+
+#: format -> (input prefix, extra flags, inputs, failed, skipped non-image entries)
+CASES = {
+    "images": ("images/", [], 6, 0, 1),
+    "tar": ("tar/", [], 6, 0, 5),  # 4 .json + README.txt ignored; directories are not counted
+    "parquet": ("parquet/", ["--id-column", "key", "--keep-columns", "label"], 7, 1, 0),
+    "manifest": ("lists/manifest.csv", ["--keep-columns", "label"], 7, 1, 0),
+}
+
+
+@pytest.fixture(scope="module")
+def outputs(s3, dataset, resnet18_weights, ray_local):
+    """`outputs(fmt)`: run the job for that format once (cached), s3:// in and out, credentials
+    only in --storage-options; returns (files, rows, error tables, summary)."""
+    fs = s3.fs()
+    results = {}
+
+    def get(fmt: str):
+        if fmt not in results:
+            prefix, flags, *_rest = CASES[fmt]
+            out = f"s3://{BUCKET}/out/{fmt}"
+            result = run(_cfg("--input", f"s3://{BUCKET}/{prefix}", "--output", out,
+                              "--model", "resnet18", "--weights", resnet18_weights,
+                              "--rows-per-file", "4", "--overwrite", "--storage-options",
+                              json.dumps(s3.storage_options()), *flags))
+            assert result.exit_code == 0, result.reason
+            results[fmt] = _read_output(fs, out)
+        return results[fmt]
+    return get
+
+
+def _embeddings_by_photo(fmt: str, rows: pa.Table, names: list[str]) -> np.ndarray:
+    if fmt in ("parquet", "manifest"):
+        keys = rows.column("label").to_pylist()
+    else:
+        keys = [u.rsplit("/", 1)[-1].rsplit("#", 1)[-1] for u in rows.column("uri").to_pylist()]
+    emb = dict(zip(keys, np.stack(rows.column("embedding").to_numpy(zero_copy_only=False))))
+    return np.stack([emb[n] for n in names])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", list(CASES))
+def test_s3_job_each_format(fmt, outputs, dataset, resnet18_weights):
+    files, rows, errors, summary = outputs(fmt)
+    _prefix, _flags, inputs, failed, skipped = CASES[fmt]
+    names = dataset["names"]
+    assert summary["input_format"] == fmt
+    assert (summary["inputs"], summary["succeeded"], summary["failed"]) == (
+        inputs, inputs - failed, failed)
+    assert summary["skipped_non_image"] == skipped
+    assert summary["lost"] == 0 and summary["bytes_read"] > 0
+    assert summary["listing_seconds"] >= 0
+    assert rows.num_rows == 6 and rows.column("uri").to_pylist() == sorted(
+        rows.column("uri").to_pylist()) or fmt == "manifest"
+    parts = [f for f in files if f.startswith("part-")]
+    assert parts == [f"part-{i:05d}.parquet" for i in range(len(parts))]
+    assert "_summary.json" in files and "_SUCCESS" in files
+    assert sum(e.num_rows for e in errors) == failed
+    for e in errors:
+        assert set(e.column("stage").to_pylist()) == {"read"}
+    uris = set(rows.column("uri").to_pylist())
+    if fmt == "images":
+        assert uris == {f"s3://{BUCKET}/images/{'ab'[i % 2]}/{n}" for i, n in enumerate(names)}
+    elif fmt == "tar":
+        assert f"s3://{BUCKET}/tar/shard-000000.tar#../{names[0]}" in uris
+        assert f"s3://{BUCKET}/tar/shard-000001.tar.gz#{names[5]}" in uris
+    elif fmt == "parquet":
+        assert rows.column("key").to_pylist() == [f"k{i}" for i in range(6)]
+        assert errors[0].column("uri").to_pylist() == [f"s3://{BUCKET}/parquet/p1.parquet#2"]
+    else:
+        assert sorted(rows.column("label").to_pylist()) == names
+        assert errors[0].column("uri").to_pylist() == [f"s3://{BUCKET}/images/missing.jpg"]
+    # Against eager torchvision on the local files: the bytes made it through intact.
+    ref, _, _ = reference_outputs("resnet18", resnet18_weights, dataset["local"])
+    cos = cosine(_embeddings_by_photo(fmt, rows, names), ref)
+    assert cos.min() >= 0.999, cos
+
+
+@pytest.mark.slow
+def test_formats_agree_and_secrets_stay_out(s3, outputs, dataset):
+    names = dataset["names"]
+    embs = {fmt: _embeddings_by_photo(fmt, outputs(fmt)[1], names) for fmt in CASES}
+    for fmt in CASES:
+        np.testing.assert_allclose(embs[fmt], embs["images"], rtol=0, atol=1e-4)
+    fs = s3.fs()
+    for path in fs.find(f"{BUCKET}/out"):
+        assert SECRET_KEY.encode() not in fs.cat_file(path), path
+    summary = outputs("images")[3]
+    assert summary["config"]["storage_options"] == ["client_kwargs", "key", "secret"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_cluster(head: subprocess.Popen, temp_dir: str) -> None:
+    """Stop only the Ray processes this test started: `ray stop` would kill every Ray process
+    on the machine (other test sessions included), so match the head's process tree and the
+    private temp dir, and signal those processes by pid."""
+    import psutil
+
+    procs = {}
+    try:
+        root = psutil.Process(head.pid)
+        procs = {p.pid: p for p in [root] + root.children(recursive=True)}
+    except psutil.NoSuchProcess:
+        pass
+    for p in psutil.process_iter(["cmdline"]):
+        if temp_dir in " ".join(p.info["cmdline"] or []):
+            procs[p.pid] = p
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _gone, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    head.wait(timeout=30)
+
+
+def _wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"Ray dashboard did not open port {port} in {timeout:.0f}s")
+
+
+@pytest.mark.slow
+def test_ray_job_submit_s3(s3, dataset, resnet18_weights):
+    """`ray start --head` + `ray job submit` with s3:// in and out; credentials and endpoint come
+    from the standard environment variables (AWS_ENDPOINT_URL), not from flags."""
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    fs = s3.fs()
+    fs.put(resnet18_weights, f"{BUCKET}/weights/resnet18.pth")
+    env = dict(os.environ, **s3.env(), RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(16))
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rf-s3-", dir="/tmp")  # short: socket paths are limited
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--num-gpus=0",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
+         "--include-dashboard=true", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = f"s3://{BUCKET}/out/submitted"
+
+    def _submit() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}",
+             "--working-dir", ROOT, "--runtime-env-json",
+             json.dumps({"excludes": [".venv", ".git", "demo", "*.pth"]}), "--",
+             sys.executable, "jobs/extract.py", "--input", f"s3://{BUCKET}/tar/",
+             "--output", out, "--model", "resnet18",
+             "--weights", f"s3://{BUCKET}/weights/resnet18.pth", "--device", "cpu"],
+            env=env, capture_output=True, text=True, timeout=420)
+
+    try:
+        _wait_for_port(dash, 180)
+        deadline = time.monotonic() + 120
+        while True:
+            job = _submit()
+            # The dashboard answers before its job agent is up; nothing was submitted then.
+            if "No available agent" not in job.stderr + job.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(3)
+    finally:
+        _stop_cluster(head, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    logs = job.stdout + job.stderr
+    assert job.returncode == 0, logs[-4000:]
+    assert "SUCCEEDED" in logs and SECRET_KEY not in logs
+    _files, rows, errors, summary = _read_output(fs, out)
+    assert summary["inputs"] == summary["succeeded"] == rows.num_rows == 6
+    assert summary["input_format"] == "tar" and not errors
