@@ -33,6 +33,7 @@ from resnet_features.models import Preprocessing
 __all__ = [
     "DecodeOptions",
     "DecodedImage",
+    "deferrable_jpeg",
     "Decode",
     "DECODE_BACKENDS",
     "decode_image",
@@ -84,6 +85,9 @@ class DecodeOptions:
     # (0 disables): 12 MP photos decode ~10x faster; ImageNet-sized ones stay bit-exact.
     draft_factor: float = 2.0
     backend: str = "auto"  # DECODE_BACKENDS: "auto" = fastest per format, "pillow" = Pillow only
+    # --gpu-decode: plain JPEGs skip CPU decoding and travel as bytes (column `jpeg`) to the
+    # model actor, which decodes them with nvJPEG (gpu_decode.py); headers are checked here.
+    defer_jpeg: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,25 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def deferrable_jpeg(data: bytes, options: DecodeOptions) -> tuple[int, int] | None:
+    """For --gpu-decode: the oriented (width, height) of a JPEG the GPU can decode, else None.
+
+    Reads only the header, with the same format allow-list and size limits as `open_image`.
+    """
+    if not data or len(data) > options.max_image_bytes:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data), formats=("JPEG",))
+    with img:
+        if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+            return None
+        width, height = img.size
+        if img.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
+            width, height = height, width
+    return width, height
 
 
 def _torch_resizable(prep: Preprocessing, options: DecodeOptions) -> bool:
@@ -195,12 +218,18 @@ def resize_crop_tensor(chw: torch.Tensor, width: int, height: int,
     `chw` may be a reduced-scale (drafted) decode of a `width` x `height` image: it is resized
     straight to the full-resolution geometry's target size. Returns (crop, crop, 3) uint8.
     """
+    return np.ascontiguousarray(resize_crop_hwc(chw, width, height, prep).numpy())
+
+
+def resize_crop_hwc(chw: torch.Tensor, width: int, height: int,
+                    prep: Preprocessing) -> torch.Tensor:
+    """`resize_crop_tensor` on any device, returning a (crop, crop, 3) uint8 view there."""
     new_w, new_h, left, top = resize_geometry(width, height, prep.resize_size, prep.crop_size)
     crop = prep.crop_size
     if chw.shape[1:] != (new_h, new_w):
         chw = TF.resize(chw, [new_h, new_w], interpolation=_TORCH_INTERPOLATION[
             prep.interpolation], antialias=prep.antialias)
-    return np.ascontiguousarray(chw[:, top:top + crop, left:left + crop].permute(1, 2, 0).numpy())
+    return chw[:, top:top + crop, left:left + crop].permute(1, 2, 0)
 
 
 def preprocess(img, width: int, height: int, prep: Preprocessing,
@@ -252,9 +281,22 @@ class Decode:
         images = np.zeros((n, crop, crop, 3), dtype=np.uint8)
         width = np.zeros(n, dtype=np.int32)
         height = np.zeros(n, dtype=np.int32)
+        if self.options.defer_jpeg:
+            jpeg = np.empty(n, dtype=object)
+            jpeg[:] = [b""] * n
+            out["jpeg"] = jpeg
         for i in range(n):
             if out["error_stage"][i]:
                 continue
+            if self.options.defer_jpeg:
+                try:
+                    size = deferrable_jpeg(batch["bytes"][i], self.options)
+                except Exception:  # noqa: BLE001 - open_image below reports it as an error row
+                    size = None
+                if size is not None:
+                    jpeg[i] = batch["bytes"][i]
+                    width[i], height[i] = size
+                    continue
             # Hostile input can make Pillow raise almost anything (OSError, SyntaxError,
             # struct.error, IndexError, DecompressionBombError...): all of it is this image's
             # fault, and none of it may take the batch down.
