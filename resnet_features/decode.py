@@ -182,9 +182,11 @@ def open_image(data: bytes, prep: Preprocessing, options: DecodeOptions):
         drafted = False
         if img.format in ("JPEG", "MPO") and options.draft_factor > 0:
             scale = options.draft_factor * prep.resize_size / min(width, height)
-            if scale < 1.0:
-                drafted = img.draft(img.mode if img.mode in ("RGB", "L") else None,
-                                    (max(1, int(width * scale)), max(1, int(height * scale))))
+            req = (max(1, int(width * scale)), max(1, int(height * scale)))
+            # libjpeg scales by 1/2, 1/4 or 1/8 only; draft() at scale 1 would change nothing
+            # but the decoder (Pillow instead of torchvision.io), so skip it there.
+            if scale < 1.0 and min(width // req[0], height // req[1]) >= 2:
+                drafted = bool(img.draft(img.mode if img.mode in ("RGB", "L") else None, req))
         if (not drafted and img.format == "JPEG" and img.mode in ("RGB", "L")
                 and img.getexif().get(ORIENTATION_TAG, 1) == 1
                 and _torch_resizable(prep, options)):

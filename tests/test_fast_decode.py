@@ -133,3 +133,17 @@ def test_deferred_jpegs_decode_in_the_model_stage(few_photos, resnet18_weights, 
     ref, _, _ = reference_outputs("resnet18", resnet18_weights, paths)
     cos = cosine(out["embedding"][:-1], ref)
     assert cos.min() >= 0.995, cos
+
+
+def test_speed_flags_are_validated():
+    from resnet_features.config import ConfigError, config_from_args, get_args_parser
+
+    def cfg(*argv):
+        return config_from_args(get_args_parser().parse_args(["--input", "i", "--output", "o",
+                                                              *argv]))
+    assert cfg().decode_backend == "auto" and not cfg().gpu_decode
+    assert cfg("--decode-backend", "pillow", "--cpu-threads", "3").cpu_threads == 3
+    with pytest.raises(ConfigError, match="--gpu-decode"):
+        cfg("--device", "cpu", "--gpu-decode")
+    with pytest.raises(ConfigError, match="--cpu-threads"):
+        cfg("--cpu-threads", "0")
