@@ -40,6 +40,9 @@ class ExtractConfig:
     max_image_pixels: int | None = None  # None: Pillow's default limit
     max_image_bytes: int = 256 * 1024 * 1024
     draft_factor: float = 2.0
+    decode_backend: str = "auto"
+    cpu_threads: int | None = None  # torch threads per CPU model actor; None: its CPU share
+    gpu_decode: bool = False
     compile: bool = False
     overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -136,6 +139,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="images per read+decode task call")
     r.add_argument("--decode-num-cpus", type=float, default=1.0,
                    help="CPUs reserved by each read+decode task")
+    r.add_argument("--decode-backend", default="auto", choices=("auto", "pillow"),
+                   help="auto: torchvision.io (libjpeg-turbo) for plain JPEGs and torch's uint8 "
+                   "antialiased resize for all images; pillow: Pillow decode and resize only "
+                   "(slower; for comparison)")
+    r.add_argument("--gpu-decode", action="store_true",
+                   help="decode plain RGB/grey JPEGs with nvJPEG on the model's GPU "
+                   "(torchvision.io.decode_jpeg(device='cuda')) instead of in CPU tasks; other "
+                   "formats still decode on the CPU; needs the model on a GPU")
+    r.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch intra-op threads per CPU model actor (default: the node's CPUs "
+                   "divided among the actors, so the model uses every core between decode tasks)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model in each actor")
     e = p.add_argument_group("errors and limits")
     e.add_argument("--max-error-rate", type=float, default=0.05,
@@ -169,7 +183,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         raise ConfigError("--storage-options must be a JSON object")
     for name in ("top_k", "batch_size", "concurrency", "num_gpus_per_worker",
                  "num_cpus_per_worker", "decode_batch_size", "decode_num_cpus", "rows_per_file",
-                 "max_image_pixels", "max_image_bytes"):
+                 "max_image_pixels", "max_image_bytes", "cpu_threads"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if not 0.0 <= args.max_error_rate <= 1.0:
         raise ConfigError(f"--max-error-rate must be within [0, 1], got {args.max_error_rate}")
@@ -178,6 +192,8 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     if args.preprocess_from and args.weights in ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2"):
         raise ConfigError("--preprocess-from applies to a state_dict file or 'random', not to "
                           "named weights (they bring their own preprocessing)")
+    if args.device == "cpu" and args.gpu_decode:
+        raise ConfigError("--gpu-decode needs the model on a GPU: drop it or use --device cuda")
     if args.device == "cpu" and args.precision in ("bf16", "fp16"):
         raise ConfigError("--precision bf16/fp16 needs --device cuda (CPU runs in fp32)")
     keep = tuple(c.strip() for c in (args.keep_columns or "").split(",") if c.strip())
@@ -213,6 +229,9 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         max_image_pixels=args.max_image_pixels,
         max_image_bytes=args.max_image_bytes,
         draft_factor=args.draft_factor,
+        decode_backend=args.decode_backend,
+        cpu_threads=args.cpu_threads,
+        gpu_decode=args.gpu_decode,
         compile=args.compile,
         overwrite=args.overwrite,
         storage_options=storage_options,

@@ -2,10 +2,16 @@
 
 One pass per image, all in uint8 on the CPU: open with an allow-list of formats, shrink large
 JPEGs in the DCT domain (`draft`), apply EXIF orientation, convert any mode to RGB, then one
-antialiased resize that produces only the centre crop (`Image.resize(box=...)`). The geometry is
-torchvision's (`resize` of the short side, then `center_crop`), so for images that are not
-shrunk by `draft` the pixels equal those of `weights.transforms()` on the same PIL image.
-Float conversion and mean/std happen on the model's device, which moves 4x fewer bytes.
+antialiased resize and the centre crop. The geometry is torchvision's (`resize` of the short
+side, then `center_crop`), so for images that are not shrunk by `draft` the pixels match those
+of `weights.transforms()` on the same PIL image. Float conversion and mean/std happen on the
+model's device, which moves 4x fewer bytes.
+
+Backends (`DecodeOptions.backend`): "auto" (default) decodes plain RGB/grey JPEGs with
+torchvision.io (libjpeg-turbo, faster than Pillow's JPEG plugin) and resizes every image with
+torch's vectorised uint8 antialiased kernel (several times faster than Pillow's resize);
+"pillow" is the original all-Pillow path (`Image.resize(box=...)`). Headers, limits and every
+other format always go through Pillow.
 
 Unusual but valid inputs are decoded, not rejected: transparency (RGBA, LA, PA, palette with
 tRNS) is composited on white (BACKGROUND); animated GIF/WebP and multi-page TIFF give their first
@@ -25,7 +31,10 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as TF
 
 from resnet_features.errors import Stage, error_columns, set_error
 from resnet_features.models import Preprocessing
@@ -33,7 +42,9 @@ from resnet_features.models import Preprocessing
 __all__ = [
     "DecodeOptions",
     "DecodedImage",
+    "deferrable_jpeg",
     "Decode",
+    "DECODE_BACKENDS",
     "decode_image",
     "open_image",
     "preprocess",
@@ -60,6 +71,15 @@ _RESAMPLE = {
 
 ORIENTATION_TAG = 0x0112
 
+DECODE_BACKENDS: tuple[str, ...] = ("auto", "pillow")
+
+#: Interpolations torch's uint8 antialiased kernel implements; others use Pillow's resize.
+_TORCH_INTERPOLATION = {
+    "bilinear": TF.InterpolationMode.BILINEAR,
+    "bicubic": TF.InterpolationMode.BICUBIC,
+}
+
+
 #: Colour transparent pixels are composited onto (RGBA, LA, PA, P with transparency).
 BACKGROUND = (255, 255, 255)
 
@@ -73,6 +93,10 @@ class DecodeOptions:
     # JPEG DCT scaling only when the image is at least `draft_factor` x the resize target
     # (0 disables): 12 MP photos decode ~10x faster; ImageNet-sized ones stay bit-exact.
     draft_factor: float = 2.0
+    backend: str = "auto"  # DECODE_BACKENDS: "auto" = fastest per format, "pillow" = Pillow only
+    # --gpu-decode: plain JPEGs skip CPU decoding and travel as bytes (column `jpeg`) to the
+    # model actor, which decodes them with nvJPEG (gpu_decode.py); headers are checked here.
+    defer_jpeg: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,11 +165,37 @@ def check_png_crcs(data: bytes) -> None:
         pos = stop + 4
 
 
-def open_image(data: bytes, prep: Preprocessing, options: DecodeOptions):
-    """Decode bytes into an oriented PIL image; returns it with its full-resolution size.
+def deferrable_jpeg(data: bytes, options: DecodeOptions) -> tuple[int, int] | None:
+    """For --gpu-decode: the oriented (width, height) of a JPEG the GPU can decode, else None.
 
-    Large JPEGs are decoded at a reduced scale (`draft`), so the returned image may be smaller
-    than the `(width, height)` returned beside it.
+    Reads only the header, with the same format allow-list and size limits as `open_image`.
+    """
+    if not data or len(data) > options.max_image_bytes:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data), formats=("JPEG",))
+    with img:
+        if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+            return None
+        width, height = img.size
+        if img.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
+            width, height = height, width
+    return width, height
+
+
+def _torch_resizable(prep: Preprocessing, options: DecodeOptions) -> bool:
+    return (options.backend == "auto" and prep.interpolation in _TORCH_INTERPOLATION
+            and prep.resize_size >= prep.crop_size)
+
+
+def open_image(data: bytes, prep: Preprocessing, options: DecodeOptions):
+    """Decode bytes into an oriented image; returns it with its full-resolution size.
+
+    The image is a PIL image, or, on the "auto" backend for plain JPEGs that need no DCT
+    scaling or rotation, an RGB (3, H, W) uint8 tensor decoded by torchvision.io. Large JPEGs
+    are decoded at a reduced scale (`draft`), so the returned image may be smaller than the
+    `(width, height)` returned beside it.
     """
     if len(data) > options.max_image_bytes:
         raise ValueError(
@@ -168,23 +218,76 @@ def open_image(data: bytes, prep: Preprocessing, options: DecodeOptions):
             check_png_crcs(data)
         img.seek(0)  # animated GIF/WebP, multi-page TIFF: the first frame
         width, height = img.size
+        drafted = False
         if img.format in ("JPEG", "MPO") and options.draft_factor > 0:
             scale = options.draft_factor * prep.resize_size / min(width, height)
-            if scale < 1.0:
-                img.draft(img.mode if img.mode in ("RGB", "L") else None,
-                          (max(1, int(width * scale)), max(1, int(height * scale))))
+            req = (max(1, int(width * scale)), max(1, int(height * scale)))
+            # libjpeg scales by 1/2, 1/4 or 1/8 only; draft() at scale 1 would change nothing
+            # but the decoder (Pillow instead of torchvision.io), so skip it there.
+            if scale < 1.0 and min(width // req[0], height // req[1]) >= 2:
+                drafted = bool(img.draft(img.mode if img.mode in ("RGB", "L") else None, req))
+        if (not drafted and img.format == "JPEG" and img.mode in ("RGB", "L")
+                and img.getexif().get(ORIENTATION_TAG, 1) == 1
+                and _torch_resizable(prep, options)):
+            # Pillow has parsed the header (format, size, bomb limit); libjpeg-turbo via
+            # torchvision decodes the pixels straight into a tensor, grey expanded to RGB.
+            img.close()
+            return _decode_jpeg_tensor(data), width, height
         img.load()
     if img.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):  # 90/270 degrees: swap
         width, height = height, width
     return ImageOps.exif_transpose(img), width, height
 
 
-def preprocess(img: Image.Image, width: int, height: int, prep: Preprocessing) -> np.ndarray:
+def _readonly_tensor(buffer) -> torch.Tensor:
+    """A uint8 tensor over read-only memory (bytes, Pillow's array); only ever read here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: "...is not writable"
+        if isinstance(buffer, bytes):
+            return torch.frombuffer(buffer, dtype=torch.uint8)
+        return torch.from_numpy(buffer)
+
+
+def _decode_jpeg_tensor(data: bytes) -> torch.Tensor:
+    return decode_jpeg(_readonly_tensor(data), mode=ImageReadMode.RGB)
+
+
+def resize_crop_tensor(chw: torch.Tensor, width: int, height: int,
+                       prep: Preprocessing) -> np.ndarray:
+    """torch's uint8 antialiased resize to torchvision's geometry, then the centre crop.
+
+    `chw` may be a reduced-scale (drafted) decode of a `width` x `height` image: it is resized
+    straight to the full-resolution geometry's target size. Returns (crop, crop, 3) uint8.
+    """
+    return np.ascontiguousarray(resize_crop_hwc(chw, width, height, prep).numpy())
+
+
+def resize_crop_hwc(chw: torch.Tensor, width: int, height: int,
+                    prep: Preprocessing) -> torch.Tensor:
+    """`resize_crop_tensor` on any device, returning a (crop, crop, 3) uint8 view there."""
+    new_w, new_h, left, top = resize_geometry(width, height, prep.resize_size, prep.crop_size)
+    crop = prep.crop_size
+    if chw.shape[1:] != (new_h, new_w):
+        chw = TF.resize(chw, [new_h, new_w], interpolation=_TORCH_INTERPOLATION[
+            prep.interpolation], antialias=prep.antialias)
+    return chw[:, top:top + crop, left:left + crop].permute(1, 2, 0)
+
+
+def preprocess(img, width: int, height: int, prep: Preprocessing,
+               options: DecodeOptions | None = None) -> np.ndarray:
     """Mode conversion, resize and centre crop in one resampling pass; (crop, crop, 3) uint8.
 
+    `img` is what `open_image` returned (a PIL image or a (3, H, W) uint8 tensor);
     `width`/`height` are the full-resolution size that torchvision's geometry is computed on.
     """
+    options = options or DecodeOptions()
+    if isinstance(img, torch.Tensor):
+        return resize_crop_tensor(img, width, height, prep)
     rgb = _to_rgb(img)
+    if _torch_resizable(prep, options):
+        # HWC array viewed as CHW is channels_last, the layout torch's uint8 kernel wants.
+        chw = _readonly_tensor(np.asarray(rgb, dtype=np.uint8)).permute(2, 0, 1)
+        return resize_crop_tensor(chw, width, height, prep)
     new_w, new_h, left, top = resize_geometry(width, height, prep.resize_size, prep.crop_size)
     crop = prep.crop_size
     # Resizing only the box that becomes the crop gives the same pixels as resize-then-crop
@@ -198,7 +301,8 @@ def preprocess(img: Image.Image, width: int, height: int, prep: Preprocessing) -
 def decode_image(data: bytes, prep: Preprocessing, options: DecodeOptions) -> DecodedImage:
     """Decode and preprocess one encoded image; raises on bad input."""
     img, width, height = open_image(data, prep, options)
-    return DecodedImage(pixels=preprocess(img, width, height, prep), width=width, height=height)
+    return DecodedImage(pixels=preprocess(img, width, height, prep, options), width=width,
+                        height=height)
 
 
 class Decode:
@@ -218,9 +322,22 @@ class Decode:
         images = np.zeros((n, crop, crop, 3), dtype=np.uint8)
         width = np.zeros(n, dtype=np.int32)
         height = np.zeros(n, dtype=np.int32)
+        if self.options.defer_jpeg:
+            jpeg = np.empty(n, dtype=object)
+            jpeg[:] = [b""] * n
+            out["jpeg"] = jpeg
         for i in range(n):
             if out["error_stage"][i]:
                 continue
+            if self.options.defer_jpeg:
+                try:
+                    size = deferrable_jpeg(batch["bytes"][i], self.options)
+                except Exception:  # noqa: BLE001 - open_image below reports it as an error row
+                    size = None
+                if size is not None:
+                    jpeg[i] = batch["bytes"][i]
+                    width[i], height[i] = size
+                    continue
             # Hostile input can make Pillow raise almost anything (OSError, SyntaxError,
             # struct.error, IndexError, DecompressionBombError...): all of it is this image's
             # fault, and none of it may take the batch down.
@@ -230,7 +347,7 @@ class Decode:
                 set_error(out, i, Stage.DECODE, exc)
                 continue
             try:
-                images[i] = preprocess(img, w, h, self.prep)
+                images[i] = preprocess(img, w, h, self.prep, self.options)
             except Exception as exc:  # noqa: BLE001
                 set_error(out, i, Stage.PREPROCESS, exc)
                 continue

@@ -117,20 +117,33 @@ class ModelRunner:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast)
 
     @torch.inference_mode()
-    def forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(N, H, W, 3) uint8 -> embeddings (N, D), top-k ids (N, k), top-k probabilities."""
-        # NHWC memory viewed as NCHW is exactly channels_last: no copy on the CPU side.
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        if self.device.type == "cuda":
+    def forward(self, images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(N, H, W, 3) uint8 (array, or tensor on any device) -> embeddings (N, D), top-k ids
+        (N, k), top-k probabilities."""
+        if isinstance(images, torch.Tensor):  # already decoded on the device (--gpu-decode)
+            x = images.to(self.device)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(images))
+        if self.device.type == "cuda" and x.device.type == "cpu":
+            # Pinned host memory makes the copy asynchronous: the CPU prepares the next call.
             x = x.pin_memory().to(self.device, non_blocking=True)
+        emb, ids, scores = self.forward_tensor(x)
+        return (emb.float().cpu().numpy(), ids.to(torch.int32).cpu().numpy(),
+                scores.cpu().numpy())
+
+    @torch.inference_mode()
+    def forward_tensor(self, images: torch.Tensor):
+        """(N, H, W, 3) uint8 tensor already on the model's device (e.g. from nvJPEG) ->
+        embeddings, top-k ids and probabilities, as tensors on the device."""
+        # NHWC memory viewed as NCHW is exactly channels_last: no layout copy.
+        x = images.permute(0, 3, 1, 2)
         x = x.float().mul_(self.scale).add_(self.shift).contiguous(
             memory_format=torch.channels_last)
         with self._autocast():
             emb, logits = self.model(x)
         probs = torch.softmax(logits.float(), dim=1)
         scores, ids = torch.topk(probs, self.k, dim=1)
-        return (emb.float().cpu().numpy(), ids.to(torch.int32).cpu().numpy(),
-                scores.cpu().numpy())
+        return emb, ids, scores
 
     def _forward_retrying(self, images: np.ndarray):
         """`forward`, retried a bounded number of times on DEVICE_FAULTS (then re-raised)."""

@@ -12,7 +12,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -24,6 +24,7 @@ from ray.util.annotations import RayDeprecationWarning
 from resnet_features import __version__, storage
 from resnet_features.config import ExtractConfig
 from resnet_features.decode import Decode, DecodeOptions
+from resnet_features.gpu_decode import with_gpu_decode
 from resnet_features.inference import InferenceOptions, ModelRunner, precision_name
 from resnet_features.models import ModelSpec, resolve_model
 from resnet_features.reader import InputSpec, Listing, ReadBytes, list_inputs, listing_blocks
@@ -123,7 +124,14 @@ def build_dataset(
         max_image_pixels=cfg.max_image_pixels or DecodeOptions().max_image_pixels,
         max_image_bytes=cfg.max_image_bytes,
         draft_factor=cfg.draft_factor,
+        backend=cfg.decode_backend,
+        defer_jpeg=cfg.gpu_decode and options.device == "cuda",
     )
+    if decode_options.defer_jpeg:
+        runner_cls = with_gpu_decode(runner_cls)
+    elif cfg.gpu_decode:
+        log.warning("--gpu-decode ignored: the model runs on %s, so JPEGs decode on the CPU",
+                    options.device.upper())
     # Read and decode fuse into one CPU task per block: bytes never enter the object store.
     # Retries are bounded on purpose: Ray Data's default for actors is to retry forever, which
     # turns a persistent failure (bad credentials, a broken GPU) into a hang instead of an error.
@@ -141,6 +149,12 @@ def build_dataset(
         return _map_model(ds, cfg, spec, state_ref, options, runner_cls)
 
 
+def _node_cpus() -> float:
+    """CPUs of the largest alive node (CPU model actors size their torch thread pool on it)."""
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return max(cpus, default=1) or 1
+
+
 def _map_model(ds, cfg, spec, state_ref, options, runner_cls) -> ray.data.Dataset:
     gpu = options.device == "cuda"
     if gpu:
@@ -148,8 +162,17 @@ def _map_model(ds, cfg, spec, state_ref, options, runner_cls) -> ray.data.Datase
                                                // cfg.num_gpus_per_worker))
         resources = {"num_gpus": cfg.num_gpus_per_worker, "num_cpus": 1}
     else:
+        # CPU: the model is the bottleneck (~6 ResNet-50 images/s per 2 cores against ~150
+        # decodes/s per core), so each actor reserves half the node for Ray's scheduling (the
+        # other half runs decode tasks) but computes with all the node's cores: decode tasks
+        # only run for a few percent of the time. Ray would otherwise pin the actor's torch to
+        # OMP_NUM_THREADS = its reservation and leave half the machine idle.
         size = cfg.concurrency or 1
-        resources = {"num_cpus": cfg.num_cpus_per_worker or 1}
+        node_cpus = _node_cpus()
+        resources = {"num_cpus": cfg.num_cpus_per_worker or max(1.0, node_cpus // 2 / size)}
+        options = replace(options, cpu_threads=cfg.cpu_threads or max(1, int(node_cpus // size)))
+        log.info("CPU model actors: %d, reserving %g CPUs each, %d torch threads each",
+                 size, resources["num_cpus"], options.cpu_threads)
     batch_size = cfg.batch_size or (256 if gpu else 32)
     return ds.map_batches(
         _ModelActor,

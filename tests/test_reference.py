@@ -80,7 +80,7 @@ def test_output_types_and_readers(few_photos, resnet18_weights, ray_local, tmp_p
 
     n, dim, label = duckdb.sql(
         f"select count(*), max(len(embedding)), max(topk_labels[1]) "
-        f"from read_parquet('{out}/*.parquet')").fetchone()
+        f"from read_parquet('{out}/*.parquet')").fetchall()[0]
     assert n == 6 and dim == 512 and isinstance(label, str)
     df = pl.read_parquet(f"{out}/*.parquet")
     assert df.height == 6 and df.schema["embedding"] == pl.Array(pl.Float32, 512)

@@ -1,0 +1,30 @@
+"""The benchmark's own pieces, tiny: its corpus has the promised sizes and its decode section
+runs and reports every variant (the figures themselves come from `benchmarks/run.py`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+
+import run as bench  # noqa: E402
+
+
+def test_corpus_and_decode_section(tmp_path):
+    corpus = bench.make_corpus(str(tmp_path), n_imagenet=3, n_large=1)
+    for p in corpus["imagenet"]:
+        with Image.open(p) as im:
+            assert im.format == "JPEG" and 330 <= min(im.size) and max(im.size) <= 640
+    with Image.open(corpus["large"][0]) as im:
+        assert sorted(im.size) == [3024, 4032]
+    sets = {"imagenet": bench.read_all(corpus["imagenet"]),
+            "large_12mp": bench.read_all(corpus["large"])}
+    variants = bench.decode_variants("resnet18", 2.0)
+    out = bench.bench_decode(sets, variants, rounds=1)
+    for kind in sets:
+        assert set(out[kind]["images_per_cpu_s"]) == set(variants)
+        assert out[kind]["speedup_vs_usual"]["usual_pil_totensor_transforms"] == 1.0
+        assert all(v > 0 for v in out[kind]["images_per_cpu_s"].values())

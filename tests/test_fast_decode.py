@@ -1,0 +1,149 @@
+"""Fast decode paths, without Ray: torchvision.io/torch-resize backend and batched decode
+against torchvision's reference transforms on PIL images (an independent implementation)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision.models import ResNet50_Weights
+from torchvision.transforms import functional as F
+
+from resnet_features.decode import Decode, DecodeOptions, decode_image, open_image
+from resnet_features.gpu_decode import decode_resize_batch
+from resnet_features.models import Preprocessing
+from resnet_features.samples import load_photo
+
+WEIGHTS = ResNet50_Weights.IMAGENET1K_V2
+PREP = Preprocessing.from_weights(WEIGHTS)
+
+
+def jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def reference_uint8(img: Image.Image) -> np.ndarray:
+    t = WEIGHTS.transforms()
+    return np.asarray(F.center_crop(F.resize(img.convert("RGB"), t.resize_size,
+                                             interpolation=t.interpolation), t.crop_size))
+
+
+def test_plain_jpeg_takes_the_torchvision_decoder():
+    data = jpeg(Image.fromarray(load_photo("coffee")))
+    img, w, h = open_image(data, PREP, DecodeOptions())
+    assert not isinstance(img, Image.Image) and tuple(img.shape) == (3, h, w)
+    pil, _, _ = open_image(data, PREP, DecodeOptions(backend="pillow"))
+    assert isinstance(pil, Image.Image)
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "camera", "motorcycle_left"])
+@pytest.mark.parametrize("backend", ["auto", "pillow"])
+def test_backends_match_reference_pixels(name, backend):
+    data = jpeg(Image.fromarray(load_photo(name)).resize((500, 375)))
+    ours = decode_image(data, PREP, DecodeOptions(backend=backend)).pixels.astype(int)
+    ref = reference_uint8(Image.open(io.BytesIO(data))).astype(int)
+    diff = np.abs(ours - ref)
+    assert diff.max() <= 2 and diff.mean() < 0.1, (diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_auto_backend_keeps_exif_orientation(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = jpeg(Image.fromarray(load_photo("chelsea")), exif=exif.tobytes())
+    from PIL import ImageOps
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    ours = decode_image(data, PREP, DecodeOptions()).pixels.astype(int)
+    assert np.abs(ours - reference_uint8(upright).astype(int)).mean() < 0.5
+
+
+def test_drafted_12mp_close_to_reference():
+    big = Image.fromarray(load_photo("astronaut")).resize((4032, 3024), Image.Resampling.BICUBIC)
+    data = jpeg(big)
+    ref = reference_uint8(Image.open(io.BytesIO(data))).astype(np.float32)
+    for factor in (2.0, 1.0):
+        ours = decode_image(data, PREP, DecodeOptions(draft_factor=factor)).pixels
+        assert ours.shape == (224, 224, 3)
+        assert np.abs(ours.astype(np.float32) - ref).mean() < 3.0, factor
+
+
+def test_grey_and_cmyk_jpegs_become_rgb():
+    grey = Image.fromarray(load_photo("camera"))
+    for img in (grey, grey.convert("RGB").convert("CMYK")):
+        out = decode_image(jpeg(img), PREP, DecodeOptions()).pixels
+        assert out.shape == (224, 224, 3) and out.std() > 5
+        assert np.abs(out.astype(int) - reference_uint8(
+            Image.open(io.BytesIO(jpeg(img)))).astype(int)).mean() < 0.5
+
+
+def test_truncated_jpeg_is_an_error_row_on_auto_backend():
+    good = jpeg(Image.fromarray(load_photo("rocket")))
+    batch = {"index": np.arange(2), "uri": np.array(["a.jpg", "b.jpg"], dtype=object),
+             "bytes": np.array([good, good[: len(good) // 2]], dtype=object)}
+    out = Decode(PREP)(batch)
+    assert list(out["error_stage"]) == ["", "decode"]
+    assert "truncated" in out["error_message"][1].lower()
+
+
+def test_batched_decode_matches_reference_on_cpu():
+    """decode_resize_batch is the nvJPEG path; on the CPU it runs the same code on libjpeg."""
+    imgs = [Image.fromarray(load_photo(n)).resize((480, 360)) for n in ("astronaut", "coffee")]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    datas = [jpeg(imgs[0]), jpeg(imgs[1], exif=exif.tobytes())]
+    out = decode_resize_batch(datas, PREP, "cpu").numpy()
+    assert out.shape == (2, 224, 224, 3)
+    from PIL import ImageOps
+    for i, d in enumerate(datas):
+        ref = reference_uint8(ImageOps.exif_transpose(Image.open(io.BytesIO(d))))
+        assert np.abs(out[i].astype(int) - ref.astype(int)).mean() < 0.5, i
+
+
+def test_deferred_jpegs_decode_in_the_model_stage(few_photos, resnet18_weights, tmp_path):
+    """--gpu-decode's data path, run on the CPU: Decode defers JPEGs as bytes, the wrapped
+    runner decodes them on its device; embeddings agree with eager torchvision."""
+    import glob
+    import os
+
+    from helpers import cosine, reference_outputs
+
+    from resnet_features.gpu_decode import with_gpu_decode
+    from resnet_features.inference import InferenceOptions, ModelRunner
+    from resnet_features.models import resolve_model
+
+    paths = sorted(glob.glob(os.path.join(few_photos, "*")))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(open(paths[0], "rb").read()[:-2000] if paths[0].endswith(".jpg") else b"x")
+    uris = paths + [str(bad)]
+    spec, state = resolve_model("resnet18", resnet18_weights)
+    batch = {"index": np.arange(len(uris)), "uri": np.array(uris, dtype=object),
+             "bytes": np.array([open(p, "rb").read() for p in uris], dtype=object)}
+    decoded = Decode(spec.preprocessing, DecodeOptions(defer_jpeg=True))(batch)
+    deferred = [i for i, d in enumerate(decoded["jpeg"]) if len(d)]
+    assert deferred and all(uris[i].endswith(".jpg") for i in deferred)
+    assert all(decoded["width"][i] > 0 for i in deferred)
+    runner = with_gpu_decode(ModelRunner)(spec, state, InferenceOptions(task="embed"))
+    out = runner(decoded)
+    assert "jpeg" not in out and out["error_stage"][-1] == "decode"
+    assert not any(out["error_stage"][:-1])
+    ref, _, _ = reference_outputs("resnet18", resnet18_weights, paths)
+    cos = cosine(out["embedding"][:-1], ref)
+    assert cos.min() >= 0.995, cos
+
+
+def test_speed_flags_are_validated():
+    from resnet_features.config import ConfigError, config_from_args, get_args_parser
+
+    def cfg(*argv):
+        return config_from_args(get_args_parser().parse_args(["--input", "i", "--output", "o",
+                                                              *argv]))
+    assert cfg().decode_backend == "auto" and not cfg().gpu_decode
+    assert cfg("--decode-backend", "pillow", "--cpu-threads", "3").cpu_threads == 3
+    with pytest.raises(ConfigError, match="--gpu-decode"):
+        cfg("--device", "cpu", "--gpu-decode")
+    with pytest.raises(ConfigError, match="--cpu-threads"):
+        cfg("--cpu-threads", "0")
