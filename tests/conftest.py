@@ -31,9 +31,9 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> str:
-    """A folder of 32 real photos (crops and rescales), JPEG, PNG and WebP, varied sizes."""
+    """A folder of 34 real photos (crops and rescales), JPEG, PNG and WebP, varied sizes."""
     folder = str(tmp_path_factory.mktemp("photos"))
-    write_samples(folder, count=32, seed=1)
+    write_samples(folder, count=34, seed=1)
     return folder
 
 

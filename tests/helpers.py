@@ -23,7 +23,9 @@ def make_calibrated_state_dict(model_name: str, path: str, seed: int = 0) -> str
 
     Freshly initialised ResNets give degenerate features and near-tied logits; running real
     photos through the model in train mode gives BatchNorm realistic running statistics, so
-    features spread out and top-1 decisions are as stable as with pretrained weights.
+    features spread out. A random classifier on those features still gives one class to almost
+    every image, with small margins, so the classifier is then centred and whitened on the
+    photos' features: every photo gets a distinct, confident top-1, as with pretrained weights.
     """
     if os.path.exists(path):
         return path
@@ -38,6 +40,20 @@ def make_calibrated_state_dict(model_name: str, path: str, seed: int = 0) -> str
     with torch.no_grad():
         for _ in range(2):
             model(x)
+        model.eval()
+        pooled = {}
+        hook = model.avgpool.register_forward_hook(lambda m, i, o: pooled.__setitem__("x", o))
+        model(x)
+        hook.remove()
+        feats = torch.flatten(pooled["x"], 1).double()
+        mean, std = feats.mean(0), feats.std(0).clamp_min(1e-6)
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(model.fc.out_features, feats.shape[1], generator=g, dtype=torch.float64)
+        w = w / std / feats.shape[1] ** 0.5
+        logits = (feats - mean) @ w.T
+        scale = 4.0 / logits.std()  # logits spread like a trained classifier's
+        model.fc.weight.copy_((w * scale).float())
+        model.fc.bias.copy_((-(w * scale) @ mean).float())
     torch.save(model.state_dict(), path)
     return path
 
