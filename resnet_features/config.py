@@ -42,6 +42,8 @@ class ExtractConfig:
     draft_factor: float = 2.0
     compile: bool = False
     overwrite: bool = False
+    layers: tuple[str, ...] = ()  # --layers: pooled intermediate stages as extra columns
+    head: str | None = None  # --head: a linear_probe.py head applied to the embeddings
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def public_dict(self) -> dict[str, Any]:
@@ -91,6 +93,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     m.add_argument("--task", default="both", choices=("embed", "classify", "both"),
                    help="what to compute; one forward pass serves both")
     m.add_argument("--top-k", type=int, default=5, help="classes per image for classify")
+    m.add_argument("--layers", default=None,
+                   help="comma-separated ResNet stages (layer1,layer2,layer3,layer4) whose "
+                   "globally pooled outputs become extra fixed-size-list columns of that name")
+    m.add_argument("--head", default=None,
+                   help="head file saved by jobs/linear_probe.py: classifies each image in the "
+                   "same pass (columns head_label, head_score)")
     r = p.add_argument_group("execution")
     r.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
                    help="auto: GPU when the Ray cluster has one, else CPU (said in the log)")
@@ -152,6 +160,12 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
                           "named weights (they bring their own preprocessing)")
     if args.device == "cpu" and args.precision in ("bf16", "fp16"):
         raise ConfigError("--precision bf16/fp16 needs --device cuda (CPU runs in fp32)")
+    from resnet_features.layers import parse_layers
+
+    try:
+        layers = parse_layers(getattr(args, "layers", None))
+    except ValueError as exc:
+        raise ConfigError(f"--layers: {exc}") from None
     input_uri = args.input if "://" in args.input else os.path.abspath(args.input)
     output_uri = args.output if "://" in args.output else os.path.abspath(args.output)
     return ExtractConfig(
@@ -178,5 +192,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         draft_factor=args.draft_factor,
         compile=args.compile,
         overwrite=args.overwrite,
+        layers=layers,
+        head=getattr(args, "head", None),
         storage_options=storage_options,
     )

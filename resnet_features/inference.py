@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ class InferenceOptions:
     precision: str = "auto"  # auto = bf16 (or fp16) autocast on GPU, fp32 on CPU
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None keeps torch's default
     compile: bool = False
+    layers: tuple[str, ...] = ()  # --layers: pooled outputs of these ResNet stages
+    head: Any = None  # --head: a probe.LoadedHead applied to the embeddings
 
     @property
     def wants_embedding(self) -> bool:
@@ -85,7 +88,19 @@ class ModelRunner:
         if options.device == "cpu" and options.cpu_threads:
             torch.set_num_threads(options.cpu_threads)
         self.device = torch.device(options.device)
-        model = _Backbone(build_model(spec, state_dict)).to(self.device)
+        if options.layers:
+            from resnet_features.layers import LayerBackbone, layer_dims
+
+            model = LayerBackbone(build_model(spec, state_dict), options.layers).to(self.device)
+            dims = layer_dims(spec.embedding_dim)
+            self.layer_dims = {name: dims[name] for name in options.layers}
+        else:
+            model = _Backbone(build_model(spec, state_dict)).to(self.device)
+            self.layer_dims = {}
+        self.last_layers: dict[str, np.ndarray] = {}
+        self.head = options.head
+        if self.head is not None:
+            self.head.module.to(self.device)
         self.model = model.to(memory_format=torch.channels_last).eval()
         if options.compile:
             self.model = torch.compile(self.model)
@@ -115,7 +130,9 @@ class ModelRunner:
         x = x.float().mul_(self.scale).add_(self.shift).contiguous(
             memory_format=torch.channels_last)
         with self._autocast():
-            emb, logits = self.model(x)
+            emb, logits, *extra = self.model(x)
+        if extra:  # LayerBackbone: pooled stage outputs, kept for __call__
+            self.last_layers = {k: v.float().cpu().numpy() for k, v in extra[0].items()}
         probs = torch.softmax(logits.float(), dim=1)
         scores, ids = torch.topk(probs, self.k, dim=1)
         return (emb.float().cpu().numpy(), ids.to(torch.int32).cpu().numpy(),
@@ -129,10 +146,13 @@ class ModelRunner:
         emb = np.zeros((n, self.spec.embedding_dim), dtype=np.float32)
         ids = np.zeros((n, self.k), dtype=np.int32)
         scores = np.zeros((n, self.k), dtype=np.float32)
+        layers = {k: np.zeros((n, d), dtype=np.float32) for k, d in self.layer_dims.items()}
         rows = np.flatnonzero(ok_mask(out))
         if len(rows):
             try:
                 emb[rows], ids[rows], scores[rows] = self.forward(batch["image"][rows])
+                for k in layers:
+                    layers[k][rows] = self.last_layers[k]
             except torch.OutOfMemoryError:
                 raise  # the device's fault, not the images': let the run fail loudly
             except Exception:  # noqa: BLE001
@@ -144,6 +164,8 @@ class ModelRunner:
                     try:
                         emb[i], ids[i], scores[i] = (
                             a[0] for a in self.forward(batch["image"][i:i + 1]))
+                        for k in layers:
+                            layers[k][i] = self.last_layers[k][0]
                     except torch.OutOfMemoryError:
                         raise
                     except Exception as exc:  # noqa: BLE001
@@ -153,4 +175,7 @@ class ModelRunner:
         if self.options.wants_topk:
             out["topk_ids"] = ids
             out["topk_scores"] = scores
+        out.update(layers)
+        if self.head is not None:
+            out["head_id"], out["head_score"] = self.head.predict(emb)
         return out

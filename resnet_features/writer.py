@@ -42,8 +42,13 @@ ERROR_SCHEMA = pa.schema(
 )
 
 
-def output_schema(spec: ModelSpec, task: str, metadata: dict[str, str] | None = None) -> pa.Schema:
-    """The documented output schema for a model and task (standard Arrow types only)."""
+def output_schema(spec: ModelSpec, task: str, metadata: dict[str, str] | None = None, *,
+                  layers: dict[str, int] | None = None, head: bool = False) -> pa.Schema:
+    """The documented output schema for a model and task (standard Arrow types only).
+
+    `layers` ({name: channels}, from --layers) and `head` (--head) add optional columns; without
+    them the schema is the default one.
+    """
     fields = [pa.field("uri", pa.string(), nullable=False)]
     if task in ("embed", "both"):
         fields.append(pa.field("embedding", pa.list_(pa.float32(), spec.embedding_dim)))
@@ -53,6 +58,10 @@ def output_schema(spec: ModelSpec, task: str, metadata: dict[str, str] | None = 
             pa.field("topk_labels", pa.list_(pa.string())),
             pa.field("topk_scores", pa.list_(pa.float32())),
         ]
+    for name, dim in (layers or {}).items():
+        fields.append(pa.field(name, pa.list_(pa.float32(), dim)))
+    if head:
+        fields += [pa.field("head_label", pa.string()), pa.field("head_score", pa.float32())]
     fields += [pa.field("width", pa.int32()), pa.field("height", pa.int32())]
     return pa.schema(fields, metadata=metadata)
 
@@ -94,6 +103,8 @@ class PartWriter:
         rows_per_file: int,
         file_metadata: dict[str, Any],
         storage_options: dict[str, Any] | None = None,
+        layers: dict[str, int] | None = None,
+        head_classes: tuple[str, ...] | None = None,
     ):
         self.fs, self.root = storage.filesystem(output_uri, storage_options)
         self.output_uri = output_uri
@@ -102,7 +113,11 @@ class PartWriter:
         self.rows_per_file = rows_per_file
         self.categories = np.asarray(spec.categories, dtype=object)
         meta = {"resnet_features": json.dumps(file_metadata, sort_keys=True)}
-        self.schema = output_schema(spec, task, meta)
+        self.layers = dict(layers or {})
+        self.head_classes = (np.asarray(head_classes, dtype=object)
+                             if head_classes is not None else None)
+        self.schema = output_schema(spec, task, meta, layers=self.layers,
+                                    head=head_classes is not None)
         self.error_schema = ERROR_SCHEMA.with_metadata(meta)
         self.n_inputs = listing.num_rows
         self.n_parts = max(1, -(-self.n_inputs // rows_per_file))
@@ -155,6 +170,12 @@ class PartWriter:
             cols["topk_labels"] = _list_array(self.categories[ids], pa.string())
             cols["topk_scores"] = _list_array(rows["topk_scores"].astype(np.float32),
                                               pa.float32())
+        for name in self.layers:
+            cols[name] = _fixed_size_list(rows[name])
+        if self.head_classes is not None:
+            cols["head_label"] = pa.array(self.head_classes[rows["head_id"].astype(np.int64)],
+                                          pa.string())
+            cols["head_score"] = pa.array(rows["head_score"].astype(np.float32))
         cols["width"] = pa.array(rows["width"].astype(np.int32))
         cols["height"] = pa.array(rows["height"].astype(np.int32))
         return pa.Table.from_pydict(cols, schema=self.schema)
