@@ -187,7 +187,7 @@ def train_head(
         loss.backward()
         opt.step()
     log.info("trained head: %d rows, %d classes, final training loss %.4f",
-             len(xt), n_classes, float(loss))
+             len(xt), n_classes, loss.item())
     return head.eval()
 
 

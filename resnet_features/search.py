@@ -80,7 +80,8 @@ def _embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         raise SearchError(f"embedding column has type {column.type}, expected a fixed_size_list")
     dim = column.type.list_size
     values = column.flatten().to_numpy(zero_copy_only=False)
-    return np.ascontiguousarray(values.reshape(-1, dim), dtype=np.float32)
+    # A writable copy: Arrow buffers are read-only, and FAISS normalises in place.
+    return np.array(values.reshape(-1, dim), dtype=np.float32, copy=True, order="C")
 
 
 def iter_embeddings(
