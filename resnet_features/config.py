@@ -44,6 +44,9 @@ class ExtractConfig:
     overwrite: bool = False
     layers: tuple[str, ...] = ()  # --layers: pooled intermediate stages as extra columns
     head: str | None = None  # --head: a linear_probe.py head applied to the embeddings
+    explain: bool = False  # "explain" in --task: a heatmap column per image
+    explain_method: str = "gradcam"
+    explain_class: int | None = None  # None: each image's top-1 class
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def public_dict(self) -> dict[str, Any]:
@@ -90,8 +93,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "file (default: the model's DEFAULT entry)")
     m.add_argument("--weights-sha256", default=None,
                    help="expected sha256 of the --weights state_dict file")
-    m.add_argument("--task", default="both", choices=("embed", "classify", "both"),
-                   help="what to compute; one forward pass serves both")
+    m.add_argument("--task", default="both",
+                   help="what to compute: embed, classify, both, explain, or a comma-separated "
+                   "combination such as both,explain; one forward pass serves embed and "
+                   "classify, explain adds a backward pass (see --explain-method)")
+    m.add_argument("--explain-method", default="gradcam",
+                   choices=("gradcam", "integrated_gradients", "smoothgrad"),
+                   help="heatmap for --task explain: Grad-CAM at layer4, or Captum's Integrated "
+                   "Gradients / SmoothGrad pooled to the same grid (much slower)")
+    m.add_argument("--explain-class", type=int, default=None,
+                   help="class index to explain for every image (default: its top-1 class)")
     m.add_argument("--top-k", type=int, default=5, help="classes per image for classify")
     m.add_argument("--layers", default=None,
                    help="comma-separated ResNet stages (layer1,layer2,layer3,layer4) whose "
@@ -162,6 +173,18 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         raise ConfigError("--precision bf16/fp16 needs --device cuda (CPU runs in fp32)")
     from resnet_features.layers import parse_layers
 
+    parts = {t.strip() for t in str(args.task).split(",") if t.strip()}
+    if not parts or not parts <= {"embed", "classify", "both", "explain"}:
+        raise ConfigError(f"--task {args.task!r}: use embed, classify, both, explain or a "
+                          "comma-separated combination such as both,explain")
+    wants_embed = bool(parts & {"embed", "both"})
+    wants_classify = bool(parts & {"classify", "both"})
+    task = ("both" if wants_embed and wants_classify else "embed" if wants_embed
+            else "classify" if wants_classify else "explain")
+    explain_class = getattr(args, "explain_class", None)
+    if explain_class is not None and "explain" not in parts:
+        raise ConfigError("--explain-class needs explain in --task (e.g. --task both,explain)")
+
     try:
         layers = parse_layers(getattr(args, "layers", None))
     except ValueError as exc:
@@ -175,7 +198,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         weights=args.weights,
         preprocess_from=args.preprocess_from,
         weights_sha256=args.weights_sha256,
-        task=args.task,
+        task=task,
         top_k=args.top_k,
         batch_size=args.batch_size,
         device=args.device,
@@ -194,5 +217,8 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         overwrite=args.overwrite,
         layers=layers,
         head=getattr(args, "head", None),
+        explain="explain" in parts,
+        explain_method=getattr(args, "explain_method", "gradcam"),
+        explain_class=explain_class,
         storage_options=storage_options,
     )

@@ -35,9 +35,12 @@ class InferenceOptions:
     compile: bool = False
     layers: tuple[str, ...] = ()  # --layers: pooled outputs of these ResNet stages
     head: Any = None  # --head: a probe.LoadedHead applied to the embeddings
+    explain: bool = False  # --task explain: a heatmap per image (explain.Explainer)
+    explain_method: str = "gradcam"
+    explain_class: int | None = None  # None: each image's top-1 class
 
     @property
-    def wants_embedding(self) -> bool:
+    def wants_embedding(self) -> bool:  # task "explain" alone: neither embedding nor top-k
         return self.task in ("embed", "both")
 
     @property
@@ -101,6 +104,12 @@ class ModelRunner:
         self.head = options.head
         if self.head is not None:
             self.head.module.to(self.device)
+        self.explainer = None
+        if options.explain:
+            from resnet_features.explain import Explainer
+
+            self.explainer = Explainer(spec, state_dict, options.explain_method,
+                                       options.device)
         self.model = model.to(memory_format=torch.channels_last).eval()
         if options.compile:
             self.model = torch.compile(self.model)
@@ -176,6 +185,14 @@ class ModelRunner:
             out["topk_ids"] = ids
             out["topk_scores"] = scores
         out.update(layers)
+        if self.explainer is not None:
+            target = (ids[:, 0] if self.options.explain_class is None
+                      else np.full(n, self.options.explain_class, dtype=np.int32))
+            maps = np.zeros((n, self.explainer.grid ** 2), dtype=np.float16)
+            rows = np.flatnonzero(ok_mask(out))
+            if len(rows):
+                maps[rows] = self.explainer(batch["image"][rows], target[rows])
+            out["explain_map"], out["explain_class"] = maps, target.astype(np.int32)
         if self.head is not None:
             out["head_id"], out["head_score"] = self.head.predict(emb)
         return out

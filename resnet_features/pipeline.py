@@ -193,7 +193,9 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     device = _resolve_device(cfg)
     options = InferenceOptions(task=cfg.task, top_k=cfg.top_k, device=device,
                                precision=cfg.precision, compile=cfg.compile,
-                               layers=cfg.layers, head=head)
+                               layers=cfg.layers, head=head, explain=cfg.explain,
+                               explain_method=cfg.explain_method,
+                               explain_class=cfg.explain_class)
     file_metadata = {
         "package_version": __version__,
         "model": spec.name,
@@ -210,11 +212,15 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         extras["layers"] = {k: layer_dims(spec.embedding_dim)[k] for k in cfg.layers}
     if head is not None:
         extras["head"] = {"path": cfg.head, "classes": list(head.classes)}
+    if cfg.explain:
+        extras["explain"] = {"method": cfg.explain_method, "class": cfg.explain_class,
+                             "grid": spec.preprocessing.crop_size // 32, "layer": "layer4"}
     file_metadata.update(extras)
     writer = PartWriter(cfg.output, spec=spec, task=cfg.task, listing=listing.table,
                         rows_per_file=cfg.rows_per_file, file_metadata=file_metadata,
                         storage_options=cfg.storage_options, layers=extras.get("layers"),
-                        head_classes=head.classes if head is not None else None)
+                        head_classes=head.classes if head is not None else None,
+                        explain_grid=extras["explain"]["grid"] if cfg.explain else None)
     state_ref = [ray.put(state_dict)] if state_dict is not None else []
     ds = build_dataset(cfg, listing, spec, state_ref, options, runner_cls)
     n, done, last_log = listing.table.num_rows, 0, time.perf_counter()

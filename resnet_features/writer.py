@@ -43,7 +43,8 @@ ERROR_SCHEMA = pa.schema(
 
 
 def output_schema(spec: ModelSpec, task: str, metadata: dict[str, str] | None = None, *,
-                  layers: dict[str, int] | None = None, head: bool = False) -> pa.Schema:
+                  layers: dict[str, int] | None = None, head: bool = False,
+                  explain_grid: int | None = None) -> pa.Schema:
     """The documented output schema for a model and task (standard Arrow types only).
 
     `layers` ({name: channels}, from --layers) and `head` (--head) add optional columns; without
@@ -62,6 +63,9 @@ def output_schema(spec: ModelSpec, task: str, metadata: dict[str, str] | None = 
         fields.append(pa.field(name, pa.list_(pa.float32(), dim)))
     if head:
         fields += [pa.field("head_label", pa.string()), pa.field("head_score", pa.float32())]
+    if explain_grid:  # row-major (grid x grid) heatmap over the model's input crop
+        fields += [pa.field("explain_map", pa.list_(pa.float16(), explain_grid * explain_grid)),
+                   pa.field("explain_class", pa.int32()), pa.field("explain_label", pa.string())]
     fields += [pa.field("width", pa.int32()), pa.field("height", pa.int32())]
     return pa.schema(fields, metadata=metadata)
 
@@ -105,6 +109,7 @@ class PartWriter:
         storage_options: dict[str, Any] | None = None,
         layers: dict[str, int] | None = None,
         head_classes: tuple[str, ...] | None = None,
+        explain_grid: int | None = None,
     ):
         self.fs, self.root = storage.filesystem(output_uri, storage_options)
         self.output_uri = output_uri
@@ -117,7 +122,7 @@ class PartWriter:
         self.head_classes = (np.asarray(head_classes, dtype=object)
                              if head_classes is not None else None)
         self.schema = output_schema(spec, task, meta, layers=self.layers,
-                                    head=head_classes is not None)
+                                    head=head_classes is not None, explain_grid=explain_grid)
         self.error_schema = ERROR_SCHEMA.with_metadata(meta)
         self.n_inputs = listing.num_rows
         self.n_parts = max(1, -(-self.n_inputs // rows_per_file))
@@ -176,6 +181,13 @@ class PartWriter:
             cols["head_label"] = pa.array(self.head_classes[rows["head_id"].astype(np.int64)],
                                           pa.string())
             cols["head_score"] = pa.array(rows["head_score"].astype(np.float32))
+        if "explain_map" in self.schema.names:
+            maps = np.ascontiguousarray(rows["explain_map"], dtype=np.float16)
+            cols["explain_map"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(maps.reshape(-1), pa.float16()), maps.shape[1])
+            cls = rows["explain_class"].astype(np.int32)
+            cols["explain_class"] = pa.array(cls)
+            cols["explain_label"] = pa.array(self.categories[cls], pa.string())
         cols["width"] = pa.array(rows["width"].astype(np.int32))
         cols["height"] = pa.array(rows["height"].astype(np.int32))
         return pa.Table.from_pydict(cols, schema=self.schema)
