@@ -182,6 +182,8 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     task = ("both" if wants_embed and wants_classify else "embed" if wants_embed
             else "classify" if wants_classify else "explain")
     explain_class = getattr(args, "explain_class", None)
+    if explain_class is not None and explain_class < 0:
+        raise ConfigError(f"--explain-class must be a class index >= 0, got {explain_class}")
     if explain_class is not None and "explain" not in parts:
         raise ConfigError("--explain-class needs explain in --task (e.g. --task both,explain)")
 

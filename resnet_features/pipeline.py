@@ -187,6 +187,9 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
                                      storage_options=cfg.storage_options,
                                      weights_sha256=cfg.weights_sha256)
     head = _load_head(cfg, spec)
+    if cfg.explain_class is not None and cfg.explain_class >= spec.num_classes:
+        raise ValueError(f"--explain-class {cfg.explain_class} is out of range: {spec.name} has "
+                         f"{spec.num_classes} classes (0..{spec.num_classes - 1})")
     listing = list_images(cfg.input, cfg.storage_options)
     _prepare_output(cfg)
     _init_ray()
