@@ -47,6 +47,7 @@ class ExtractConfig:
     explain: bool = False  # "explain" in --task: a heatmap column per image
     explain_method: str = "gradcam"
     explain_class: int | None = None  # None: each image's top-1 class
+    explain_png: bool = False  # also write heatmap overlays as PNG files under explain_png/
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def public_dict(self) -> dict[str, Any]:
@@ -103,6 +104,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "Gradients / SmoothGrad pooled to the same grid (much slower)")
     m.add_argument("--explain-class", type=int, default=None,
                    help="class index to explain for every image (default: its top-1 class)")
+    m.add_argument("--explain-png", action="store_true",
+                   help="with --task explain: also write each image's heatmap over its model "
+                   "input crop as OUTPUT/explain_png/part-NNNNN/<index>.png (column explain_png)")
     m.add_argument("--top-k", type=int, default=5, help="classes per image for classify")
     m.add_argument("--layers", default=None,
                    help="comma-separated ResNet stages (layer1,layer2,layer3,layer4) whose "
@@ -184,6 +188,8 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     explain_class = getattr(args, "explain_class", None)
     if explain_class is not None and explain_class < 0:
         raise ConfigError(f"--explain-class must be a class index >= 0, got {explain_class}")
+    if getattr(args, "explain_png", False) and "explain" not in parts:
+        raise ConfigError("--explain-png needs explain in --task (e.g. --task both,explain)")
     if explain_class is not None and "explain" not in parts:
         raise ConfigError("--explain-class needs explain in --task (e.g. --task both,explain)")
 
@@ -222,5 +228,6 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         explain="explain" in parts,
         explain_method=getattr(args, "explain_method", "gradcam"),
         explain_class=explain_class,
+        explain_png=bool(getattr(args, "explain_png", False)),
         storage_options=storage_options,
     )

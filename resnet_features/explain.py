@@ -13,7 +13,7 @@ import torch
 
 from resnet_features.models import ModelSpec, build_model
 
-__all__ = ["EXPLAIN_METHODS", "Explainer"]
+__all__ = ["EXPLAIN_METHODS", "Explainer", "overlay_png"]
 
 EXPLAIN_METHODS = ("gradcam", "integrated_gradients", "smoothgrad")
 
@@ -70,3 +70,21 @@ class Explainer:
         peak = maps.flatten(1).amax(1).clamp_min(1e-12)
         maps = (maps / peak[:, None, None]).clamp_(0, 1)
         return maps.flatten(1).cpu().numpy().astype(np.float16)
+
+
+def overlay_png(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5) -> bytes:
+    """PNG bytes: the model's input crop with the (grid x grid) map upsampled and blended in red
+    (cold areas keep the photo, hot areas turn red)."""
+    import io
+
+    from PIL import Image
+
+    grid = int(round(np.sqrt(heatmap.size)))
+    h, w = pixels.shape[:2]
+    hm = Image.fromarray(np.asarray(heatmap, np.float32).reshape(grid, grid), mode="F")
+    m = np.clip(np.asarray(hm.resize((w, h), Image.Resampling.BILINEAR)), 0, 1)[..., None]
+    red = np.array([255.0, 0.0, 0.0])
+    out = pixels.astype(np.float32) * (1 - alpha * m) + red * (alpha * m)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)).save(buf, "PNG")
+    return buf.getvalue()

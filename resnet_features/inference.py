@@ -38,6 +38,7 @@ class InferenceOptions:
     explain: bool = False  # --task explain: a heatmap per image (explain.Explainer)
     explain_method: str = "gradcam"
     explain_class: int | None = None  # None: each image's top-1 class
+    keep_pixels: bool = False  # pass the uint8 crops on (for --explain-png overlays)
 
     @property
     def wants_embedding(self) -> bool:  # task "explain" alone: neither embedding nor top-k
@@ -149,7 +150,7 @@ class ModelRunner:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["uri"])
-        out = {k: v for k, v in batch.items() if k != "image"}
+        out = {k: v for k, v in batch.items() if k != "image" or self.options.keep_pixels}
         if "error_stage" not in out:
             out.update(error_columns(n))
         emb = np.zeros((n, self.spec.embedding_dim), dtype=np.float32)

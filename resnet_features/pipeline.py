@@ -198,7 +198,7 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
                                precision=cfg.precision, compile=cfg.compile,
                                layers=cfg.layers, head=head, explain=cfg.explain,
                                explain_method=cfg.explain_method,
-                               explain_class=cfg.explain_class)
+                               explain_class=cfg.explain_class, keep_pixels=cfg.explain_png)
     file_metadata = {
         "package_version": __version__,
         "model": spec.name,
@@ -223,7 +223,8 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
                         rows_per_file=cfg.rows_per_file, file_metadata=file_metadata,
                         storage_options=cfg.storage_options, layers=extras.get("layers"),
                         head_classes=head.classes if head is not None else None,
-                        explain_grid=extras["explain"]["grid"] if cfg.explain else None)
+                        explain_grid=extras["explain"]["grid"] if cfg.explain else None,
+                        explain_png=cfg.explain_png)
     state_ref = [ray.put(state_dict)] if state_dict is not None else []
     ds = build_dataset(cfg, listing, spec, state_ref, options, runner_cls)
     n, done, last_log = listing.table.num_rows, 0, time.perf_counter()

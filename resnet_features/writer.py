@@ -30,6 +30,7 @@ ERRORS_DIR = "_errors"
 STAGING_DIR = "_staging"
 SUCCESS_FILE = "_SUCCESS"
 SUMMARY_FILE = "_summary.json"
+EXPLAIN_PNG_DIR = "explain_png"
 
 ERROR_SCHEMA = pa.schema(
     [
@@ -44,7 +45,7 @@ ERROR_SCHEMA = pa.schema(
 
 def output_schema(spec: ModelSpec, task: str, metadata: dict[str, str] | None = None, *,
                   layers: dict[str, int] | None = None, head: bool = False,
-                  explain_grid: int | None = None) -> pa.Schema:
+                  explain_grid: int | None = None, explain_png: bool = False) -> pa.Schema:
     """The documented output schema for a model and task (standard Arrow types only).
 
     `layers` ({name: channels}, from --layers) and `head` (--head) add optional columns; without
@@ -66,6 +67,8 @@ def output_schema(spec: ModelSpec, task: str, metadata: dict[str, str] | None = 
     if explain_grid:  # row-major (grid x grid) heatmap over the model's input crop
         fields += [pa.field("explain_map", pa.list_(pa.float16(), explain_grid * explain_grid)),
                    pa.field("explain_class", pa.int32()), pa.field("explain_label", pa.string())]
+        if explain_png:  # relative path of the overlay PNG
+            fields.append(pa.field("explain_png", pa.string()))
     fields += [pa.field("width", pa.int32()), pa.field("height", pa.int32())]
     return pa.schema(fields, metadata=metadata)
 
@@ -110,6 +113,7 @@ class PartWriter:
         layers: dict[str, int] | None = None,
         head_classes: tuple[str, ...] | None = None,
         explain_grid: int | None = None,
+        explain_png: bool = False,
     ):
         self.fs, self.root = storage.filesystem(output_uri, storage_options)
         self.output_uri = output_uri
@@ -122,7 +126,8 @@ class PartWriter:
         self.head_classes = (np.asarray(head_classes, dtype=object)
                              if head_classes is not None else None)
         self.schema = output_schema(spec, task, meta, layers=self.layers,
-                                    head=head_classes is not None, explain_grid=explain_grid)
+                                    head=head_classes is not None, explain_grid=explain_grid,
+                                    explain_png=explain_png)
         self.error_schema = ERROR_SCHEMA.with_metadata(meta)
         self.n_inputs = listing.num_rows
         self.n_parts = max(1, -(-self.n_inputs // rows_per_file))
@@ -138,6 +143,10 @@ class PartWriter:
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         """Take a result batch; write every part it completes."""
+        if "image" in batch:
+            if "explain_png" in self.schema.names:
+                self._write_overlays(batch)
+            batch = {k: v for k, v in batch.items() if k != "image"}
         parts = batch["index"] // self.rows_per_file
         for part in np.unique(parts):
             sel = np.flatnonzero(parts == part)
@@ -188,9 +197,27 @@ class PartWriter:
             cls = rows["explain_class"].astype(np.int32)
             cols["explain_class"] = pa.array(cls)
             cols["explain_label"] = pa.array(self.categories[cls], pa.string())
+        if "explain_png" in self.schema.names:
+            cols["explain_png"] = pa.array([self._overlay_path(int(i)) for i in rows["index"]],
+                                           pa.string())
         cols["width"] = pa.array(rows["width"].astype(np.int32))
         cols["height"] = pa.array(rows["height"].astype(np.int32))
         return pa.Table.from_pydict(cols, schema=self.schema)
+
+    def _overlay_path(self, index: int) -> str:
+        part = part_name(index // self.rows_per_file).removesuffix(".parquet")
+        return storage.join(EXPLAIN_PNG_DIR, part, f"{index:08d}.png")
+
+    def _write_overlays(self, batch: dict[str, np.ndarray]) -> None:
+        """--explain-png: one heatmap overlay per good row, written as the batch arrives (the
+        pixels are dropped right after, so they never pile up in pending parts)."""
+        from resnet_features.explain import overlay_png
+
+        for i in np.flatnonzero([not s for s in batch["error_stage"]]):
+            full = storage.join(self.root, self._overlay_path(int(batch["index"][i])))
+            self.fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
+            with self.fs.open(full, "wb") as f:
+                f.write(overlay_png(batch["image"][i], batch["explain_map"][i]))
 
     def _errors_table(self, rows: dict[str, np.ndarray]) -> pa.Table:
         return pa.Table.from_pydict(
