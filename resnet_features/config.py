@@ -106,7 +106,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="class index to explain for every image (default: its top-1 class)")
     m.add_argument("--explain-png", action="store_true",
                    help="with --task explain: also write each image's heatmap over its model "
-                   "input crop as OUTPUT/explain_png/part-NNNNN/<index>.png (column explain_png)")
+                   "input crop as OUTPUT/_explain_png/part-NNNNN/<index>.png (column explain_png)")
     m.add_argument("--top-k", type=int, default=5, help="classes per image for classify")
     m.add_argument("--layers", default=None,
                    help="comma-separated ResNet stages (layer1,layer2,layer3,layer4) whose "

@@ -30,7 +30,7 @@ ERRORS_DIR = "_errors"
 STAGING_DIR = "_staging"
 SUCCESS_FILE = "_SUCCESS"
 SUMMARY_FILE = "_summary.json"
-EXPLAIN_PNG_DIR = "explain_png"
+EXPLAIN_PNG_DIR = "_explain_png"  # "_": dataset readers skip it
 
 ERROR_SCHEMA = pa.schema(
     [
