@@ -45,6 +45,12 @@ class ExtractConfig:
     gpu_decode: bool = False
     compile: bool = False
     overwrite: bool = False
+    layers: tuple[str, ...] = ()  # --layers: pooled intermediate stages as extra columns
+    head: str | None = None  # --head: a linear_probe.py head applied to the embeddings
+    explain: bool = False  # "explain" in --task: a heatmap column per image
+    explain_method: str = "gradcam"
+    explain_class: int | None = None  # None: each image's top-1 class
+    explain_png: bool = False  # also write heatmap overlays as PNG files under explain_png/
     storage_options: dict[str, Any] = field(default_factory=dict)
     input_format: str = "auto"
     image_column: str = "image"
@@ -118,9 +124,26 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "file (default: the model's DEFAULT entry)")
     m.add_argument("--weights-sha256", default=None,
                    help="expected sha256 of the --weights state_dict file")
-    m.add_argument("--task", default="both", choices=("embed", "classify", "both"),
-                   help="what to compute; one forward pass serves both")
+    m.add_argument("--task", default="both",
+                   help="what to compute: embed, classify, both, explain, or a comma-separated "
+                   "combination such as both,explain; one forward pass serves embed and "
+                   "classify, explain adds a backward pass (see --explain-method)")
+    m.add_argument("--explain-method", default="gradcam",
+                   choices=("gradcam", "integrated_gradients", "smoothgrad"),
+                   help="heatmap for --task explain: Grad-CAM at layer4, or Captum's Integrated "
+                   "Gradients / SmoothGrad pooled to the same grid (much slower)")
+    m.add_argument("--explain-class", type=int, default=None,
+                   help="class index to explain for every image (default: its top-1 class)")
+    m.add_argument("--explain-png", action="store_true",
+                   help="with --task explain: also write each image's heatmap over its model "
+                   "input crop as OUTPUT/_explain_png/part-NNNNN/<index>.png (column explain_png)")
     m.add_argument("--top-k", type=int, default=5, help="classes per image for classify")
+    m.add_argument("--layers", default=None,
+                   help="comma-separated ResNet stages (layer1,layer2,layer3,layer4) whose "
+                   "globally pooled outputs become extra fixed-size-list columns of that name")
+    m.add_argument("--head", default=None,
+                   help="head file saved by jobs/linear_probe.py: classifies each image in the "
+                   "same pass (columns head_label, head_score)")
     r = p.add_argument_group("execution")
     r.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
                    help="auto: GPU when the Ray cluster has one, else CPU (said in the log)")
@@ -205,6 +228,29 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     if (args.id_column or args.image_column != "image") and args.input_format not in (
             "auto", "parquet"):
         raise ConfigError("--id-column and --image-column apply to --input-format parquet")
+
+    from resnet_features.layers import parse_layers
+
+    parts = {t.strip() for t in str(args.task).split(",") if t.strip()}
+    if not parts or not parts <= {"embed", "classify", "both", "explain"}:
+        raise ConfigError(f"--task {args.task!r}: use embed, classify, both, explain or a "
+                          "comma-separated combination such as both,explain")
+    wants_embed = bool(parts & {"embed", "both"})
+    wants_classify = bool(parts & {"classify", "both"})
+    task = ("both" if wants_embed and wants_classify else "embed" if wants_embed
+            else "classify" if wants_classify else "explain")
+    explain_class = getattr(args, "explain_class", None)
+    if explain_class is not None and explain_class < 0:
+        raise ConfigError(f"--explain-class must be a class index >= 0, got {explain_class}")
+    if getattr(args, "explain_png", False) and "explain" not in parts:
+        raise ConfigError("--explain-png needs explain in --task (e.g. --task both,explain)")
+    if explain_class is not None and "explain" not in parts:
+        raise ConfigError("--explain-class needs explain in --task (e.g. --task both,explain)")
+
+    try:
+        layers = parse_layers(getattr(args, "layers", None))
+    except ValueError as exc:
+        raise ConfigError(f"--layers: {exc}") from None
     input_uri = args.input if "://" in args.input else os.path.abspath(args.input)
     output_uri = args.output if "://" in args.output else os.path.abspath(args.output)
     return ExtractConfig(
@@ -214,7 +260,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         weights=args.weights,
         preprocess_from=args.preprocess_from,
         weights_sha256=args.weights_sha256,
-        task=args.task,
+        task=task,
         top_k=args.top_k,
         batch_size=args.batch_size,
         device=args.device,
@@ -234,6 +280,12 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         gpu_decode=args.gpu_decode,
         compile=args.compile,
         overwrite=args.overwrite,
+        layers=layers,
+        head=getattr(args, "head", None),
+        explain="explain" in parts,
+        explain_method=getattr(args, "explain_method", "gradcam"),
+        explain_class=explain_class,
+        explain_png=bool(getattr(args, "explain_png", False)),
         storage_options=storage_options,
         input_format=args.input_format,
         image_column=args.image_column,

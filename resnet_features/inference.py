@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,9 +44,15 @@ class InferenceOptions:
     precision: str = "auto"  # auto = bf16 (or fp16) autocast on GPU, fp32 on CPU
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None keeps torch's default
     compile: bool = False
+    layers: tuple[str, ...] = ()  # --layers: pooled outputs of these ResNet stages
+    head: Any = None  # --head: a probe.LoadedHead applied to the embeddings
+    explain: bool = False  # --task explain: a heatmap per image (explain.Explainer)
+    explain_method: str = "gradcam"
+    explain_class: int | None = None  # None: each image's top-1 class
+    keep_pixels: bool = False  # pass the uint8 crops on (for --explain-png overlays)
 
     @property
-    def wants_embedding(self) -> bool:
+    def wants_embedding(self) -> bool:  # task "explain" alone: neither embedding nor top-k
         return self.task in ("embed", "both")
 
     @property
@@ -96,7 +103,25 @@ class ModelRunner:
         if options.device == "cpu" and options.cpu_threads:
             torch.set_num_threads(options.cpu_threads)
         self.device = torch.device(options.device)
-        model = _Backbone(build_model(spec, state_dict)).to(self.device)
+        if options.layers:
+            from resnet_features.layers import LayerBackbone, layer_dims
+
+            model = LayerBackbone(build_model(spec, state_dict), options.layers).to(self.device)
+            dims = layer_dims(spec.embedding_dim)
+            self.layer_dims = {name: dims[name] for name in options.layers}
+        else:
+            model = _Backbone(build_model(spec, state_dict)).to(self.device)
+            self.layer_dims = {}
+        self.last_layers: dict[str, np.ndarray] = {}
+        self.head = options.head
+        if self.head is not None:
+            self.head.module.to(self.device)
+        self.explainer = None
+        if options.explain:
+            from resnet_features.explain import Explainer
+
+            self.explainer = Explainer(spec, state_dict, options.explain_method,
+                                       options.device)
         self.model = model.to(memory_format=torch.channels_last).eval()
         if options.compile:
             self.model = torch.compile(self.model)
@@ -140,7 +165,9 @@ class ModelRunner:
         x = x.float().mul_(self.scale).add_(self.shift).contiguous(
             memory_format=torch.channels_last)
         with self._autocast():
-            emb, logits = self.model(x)
+            emb, logits, *extra = self.model(x)
+        if extra:  # LayerBackbone: pooled stage outputs, kept for __call__
+            self.last_layers = {k: v.float().cpu().numpy() for k, v in extra[0].items()}
         probs = torch.softmax(logits.float(), dim=1)
         scores, ids = torch.topk(probs, self.k, dim=1)
         return emb, ids, scores
@@ -160,16 +187,19 @@ class ModelRunner:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["uri"])
-        out = {k: v for k, v in batch.items() if k != "image"}
+        out = {k: v for k, v in batch.items() if k != "image" or self.options.keep_pixels}
         if "error_stage" not in out:
             out.update(error_columns(n))
         emb = np.zeros((n, self.spec.embedding_dim), dtype=np.float32)
         ids = np.zeros((n, self.k), dtype=np.int32)
         scores = np.zeros((n, self.k), dtype=np.float32)
+        layers = {k: np.zeros((n, d), dtype=np.float32) for k, d in self.layer_dims.items()}
         rows = np.flatnonzero(ok_mask(out))
         if len(rows):
             try:
                 emb[rows], ids[rows], scores[rows] = self._forward_retrying(batch["image"][rows])
+                for k in layers:
+                    layers[k][rows] = self.last_layers[k]
             except DEVICE_FAULTS:
                 raise  # the device's fault, not the images': let the run fail loudly
             except Exception as batch_exc:  # noqa: BLE001
@@ -182,6 +212,8 @@ class ModelRunner:
                     try:
                         emb[i], ids[i], scores[i] = (
                             a[0] for a in self._forward_retrying(batch["image"][i:i + 1]))
+                        for k in layers:
+                            layers[k][i] = self.last_layers[k][0]
                     except DEVICE_FAULTS:
                         raise
                     except Exception as exc:  # noqa: BLE001
@@ -200,4 +232,15 @@ class ModelRunner:
         if self.options.wants_topk:
             out["topk_ids"] = ids
             out["topk_scores"] = scores
+        out.update(layers)
+        if self.explainer is not None:
+            target = (ids[:, 0] if self.options.explain_class is None
+                      else np.full(n, self.options.explain_class, dtype=np.int32))
+            maps = np.zeros((n, self.explainer.grid ** 2), dtype=np.float16)
+            rows = np.flatnonzero(ok_mask(out))
+            if len(rows):
+                maps[rows] = self.explainer(batch["image"][rows], target[rows])
+            out["explain_map"], out["explain_class"] = maps, target.astype(np.int32)
+        if self.head is not None:
+            out["head_id"], out["head_score"] = self.head.predict(emb)
         return out

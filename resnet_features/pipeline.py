@@ -187,12 +187,35 @@ def _map_model(ds, cfg, spec, state_ref, options, runner_cls) -> ray.data.Datase
     )
 
 
+def _load_head(cfg: ExtractConfig, spec: ModelSpec):
+    """The --head file, checked against this run's model: a head fits one embedding space."""
+    if not cfg.head:
+        return None
+    from resnet_features.probe import HeadError, load_head
+
+    head = load_head(cfg.head, cfg.storage_options)
+    trained_on = (head.meta.get("model"), head.meta.get("weights"))
+    if head.module.mean.shape[0] != spec.embedding_dim or trained_on[0] != spec.name:
+        raise HeadError(f"--head {cfg.head} was trained on {trained_on[0]} embeddings "
+                        f"({head.module.mean.shape[0]}-d); this run uses {spec.name} "
+                        f"({spec.embedding_dim}-d)")
+    if trained_on[1] != spec.weights_id:
+        raise HeadError(f"--head {cfg.head} was trained on embeddings from weights "
+                        f"{trained_on[1]}, this run uses {spec.weights_id}: pass the same "
+                        f"--weights")
+    return head
+
+
 def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     """Run the extraction job end to end. Raises on bad input/weights/output before any work."""
     started_at, t0 = now_iso(), time.perf_counter()
     spec, state_dict = resolve_model(cfg.model, cfg.weights, preprocess_from=cfg.preprocess_from,
                                      storage_options=cfg.storage_options,
                                      weights_sha256=cfg.weights_sha256)
+    head = _load_head(cfg, spec)
+    if cfg.explain_class is not None and cfg.explain_class >= spec.num_classes:
+        raise ValueError(f"--explain-class {cfg.explain_class} is out of range: {spec.name} has "
+                         f"{spec.num_classes} classes (0..{spec.num_classes - 1})")
     listing = list_inputs(cfg.input, InputSpec(
         format=cfg.input_format, image_column=cfg.image_column, id_column=cfg.id_column,
         uri_column=cfg.uri_column, keep_columns=cfg.keep_columns), cfg.storage_options)
@@ -200,7 +223,10 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     _init_ray()
     device = _resolve_device(cfg)
     options = InferenceOptions(task=cfg.task, top_k=cfg.top_k, device=device,
-                               precision=cfg.precision, compile=cfg.compile)
+                               precision=cfg.precision, compile=cfg.compile,
+                               layers=cfg.layers, head=head, explain=cfg.explain,
+                               explain_method=cfg.explain_method,
+                               explain_class=cfg.explain_class, keep_pixels=cfg.explain_png)
     file_metadata = {
         "package_version": __version__,
         "model": spec.name,
@@ -210,10 +236,25 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         "precision": precision_name(options),
         "device": device,
     }
+    extras: dict[str, Any] = {}
+    if cfg.layers:
+        from resnet_features.layers import layer_dims
+
+        extras["layers"] = {k: layer_dims(spec.embedding_dim)[k] for k in cfg.layers}
+    if head is not None:
+        extras["head"] = {"path": cfg.head, "classes": list(head.classes)}
+    if cfg.explain:
+        extras["explain"] = {"method": cfg.explain_method, "class": cfg.explain_class,
+                             "grid": spec.preprocessing.crop_size // 32, "layer": "layer4"}
+    file_metadata.update(extras)
     rows_per_file = cfg.rows_per_file or auto_rows_per_file(spec, cfg.task, cfg.top_k)
     writer = PartWriter(cfg.output, spec=spec, task=cfg.task, listing=listing.table,
                         rows_per_file=rows_per_file, file_metadata=file_metadata,
-                        storage_options=cfg.storage_options, extra=listing.extra)
+                        storage_options=cfg.storage_options, extra=listing.extra,
+                        layers=extras.get("layers"),
+                        head_classes=head.classes if head is not None else None,
+                        explain_grid=extras["explain"]["grid"] if cfg.explain else None,
+                        explain_png=cfg.explain_png)
     state_ref = [ray.put(state_dict)] if state_dict is not None else []
     ds = build_dataset(cfg, listing, spec, state_ref, options, runner_cls)
     n, done, last_log = listing.table.num_rows, 0, time.perf_counter()
@@ -264,6 +305,7 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
                      "torchvision": torchvision.__version__, "ray": ray.__version__,
                      "python": sys.version.split()[0]},
         "config": cfg.public_dict(),
+        **extras,
     }
     exit_code, reason = 0, "ok"
     if missing:

@@ -30,6 +30,7 @@ ERRORS_DIR = "_errors"
 STAGING_DIR = "_staging"
 SUCCESS_FILE = "_SUCCESS"
 SUMMARY_FILE = "_summary.json"
+EXPLAIN_PNG_DIR = "_explain_png"  # "_": dataset readers skip it
 
 ERROR_SCHEMA = pa.schema(
     [
@@ -42,8 +43,14 @@ ERROR_SCHEMA = pa.schema(
 )
 
 
-def output_schema(spec: ModelSpec, task: str, metadata: dict[str, str] | None = None) -> pa.Schema:
-    """The documented output schema for a model and task (standard Arrow types only)."""
+def output_schema(spec: ModelSpec, task: str, metadata: dict[str, str] | None = None, *,
+                  layers: dict[str, int] | None = None, head: bool = False,
+                  explain_grid: int | None = None, explain_png: bool = False) -> pa.Schema:
+    """The documented output schema for a model and task (standard Arrow types only).
+
+    `layers` ({name: channels}, from --layers) and `head` (--head) add optional columns; without
+    them the schema is the default one.
+    """
     fields = [pa.field("uri", pa.string(), nullable=False)]
     if task in ("embed", "both"):
         fields.append(pa.field("embedding", pa.list_(pa.float32(), spec.embedding_dim)))
@@ -53,6 +60,15 @@ def output_schema(spec: ModelSpec, task: str, metadata: dict[str, str] | None = 
             pa.field("topk_labels", pa.list_(pa.string())),
             pa.field("topk_scores", pa.list_(pa.float32())),
         ]
+    for name, dim in (layers or {}).items():
+        fields.append(pa.field(name, pa.list_(pa.float32(), dim)))
+    if head:
+        fields += [pa.field("head_label", pa.string()), pa.field("head_score", pa.float32())]
+    if explain_grid:  # row-major (grid x grid) heatmap over the model's input crop
+        fields += [pa.field("explain_map", pa.list_(pa.float16(), explain_grid * explain_grid)),
+                   pa.field("explain_class", pa.int32()), pa.field("explain_label", pa.string())]
+        if explain_png:  # relative path of the overlay PNG
+            fields.append(pa.field("explain_png", pa.string()))
     fields += [pa.field("width", pa.int32()), pa.field("height", pa.int32())]
     return pa.schema(fields, metadata=metadata)
 
@@ -111,6 +127,10 @@ class PartWriter:
         file_metadata: dict[str, Any],
         storage_options: dict[str, Any] | None = None,
         extra: pa.Table | None = None,
+        layers: dict[str, int] | None = None,
+        head_classes: tuple[str, ...] | None = None,
+        explain_grid: int | None = None,
+        explain_png: bool = False,
     ):
         self.fs, self.root = storage.filesystem(output_uri, storage_options)
         self.output_uri = output_uri
@@ -119,7 +139,12 @@ class PartWriter:
         self.rows_per_file = rows_per_file
         self.categories = np.asarray(spec.categories, dtype=object)
         meta = {"resnet_features": json.dumps(file_metadata, sort_keys=True)}
-        self.schema = output_schema(spec, task, meta)
+        self.layers = dict(layers or {})
+        self.head_classes = (np.asarray(head_classes, dtype=object)
+                             if head_classes is not None else None)
+        self.schema = output_schema(spec, task, meta, layers=self.layers,
+                                    head=head_classes is not None, explain_grid=explain_grid,
+                                    explain_png=explain_png)
         # Input columns carried through (--id-column/--keep-columns), row i = listing index i.
         self.extra = extra
         if extra is not None:
@@ -140,6 +165,10 @@ class PartWriter:
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         """Take a result batch; write every part it completes."""
+        if "image" in batch:
+            if "explain_png" in self.schema.names:
+                self._write_overlays(batch)
+            batch = {k: v for k, v in batch.items() if k != "image"}
         parts = batch["index"] // self.rows_per_file
         for part in np.unique(parts):
             sel = np.flatnonzero(parts == part)
@@ -177,6 +206,22 @@ class PartWriter:
             cols["topk_labels"] = _list_array(self.categories[ids], pa.string())
             cols["topk_scores"] = _list_array(rows["topk_scores"].astype(np.float32),
                                               pa.float32())
+        for name in self.layers:
+            cols[name] = _fixed_size_list(rows[name])
+        if self.head_classes is not None:
+            cols["head_label"] = pa.array(self.head_classes[rows["head_id"].astype(np.int64)],
+                                          pa.string())
+            cols["head_score"] = pa.array(rows["head_score"].astype(np.float32))
+        if "explain_map" in self.schema.names:
+            maps = np.ascontiguousarray(rows["explain_map"], dtype=np.float16)
+            cols["explain_map"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(maps.reshape(-1), pa.float16()), maps.shape[1])
+            cls = rows["explain_class"].astype(np.int32)
+            cols["explain_class"] = pa.array(cls)
+            cols["explain_label"] = pa.array(self.categories[cls], pa.string())
+        if "explain_png" in self.schema.names:
+            cols["explain_png"] = pa.array([self._overlay_path(int(i)) for i in rows["index"]],
+                                           pa.string())
         cols["width"] = pa.array(rows["width"].astype(np.int32))
         cols["height"] = pa.array(rows["height"].astype(np.int32))
         if self.extra is not None:
@@ -184,6 +229,21 @@ class PartWriter:
             for name in taken.column_names:
                 cols[name] = taken.column(name).combine_chunks()
         return pa.Table.from_pydict(cols, schema=self.schema)
+
+    def _overlay_path(self, index: int) -> str:
+        part = part_name(index // self.rows_per_file).removesuffix(".parquet")
+        return storage.join(EXPLAIN_PNG_DIR, part, f"{index:08d}.png")
+
+    def _write_overlays(self, batch: dict[str, np.ndarray]) -> None:
+        """--explain-png: one heatmap overlay per good row, written as the batch arrives (the
+        pixels are dropped right after, so they never pile up in pending parts)."""
+        from resnet_features.explain import overlay_png
+
+        for i in np.flatnonzero([not s for s in batch["error_stage"]]):
+            full = storage.join(self.root, self._overlay_path(int(batch["index"][i])))
+            self.fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
+            with self.fs.open(full, "wb") as f:
+                f.write(overlay_png(batch["image"][i], batch["explain_map"][i]))
 
     def _errors_table(self, rows: dict[str, np.ndarray]) -> pa.Table:
         return pa.Table.from_pydict(
