@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,6 +44,10 @@ class ExtractConfig:
     draft_factor: float = 2.0
     compile: bool = False
     overwrite: bool = False
+    run_id: str = "default"
+    incremental: bool = False
+    retry_errors: str | None = None
+    fingerprint: str = "stat"
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def public_dict(self) -> dict[str, Any]:
@@ -49,6 +55,9 @@ class ExtractConfig:
         d = asdict(self)
         d["storage_options"] = sorted(self.storage_options)  # keys only, never values
         return d
+
+
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -65,8 +74,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     io.add_argument("--output", help="output folder (local path or fsspec URI) for Parquet parts, "
                     "_errors/ and the _SUCCESS run summary")
     io.add_argument("--overwrite", action="store_true",
-                    help="replace an existing output folder (otherwise the job refuses to write "
-                    "into one that already holds files)")
+                    help="recompute a run that already finished; the old run=<run-id>/ is "
+                    "replaced only once the new one is complete (without it, rerunning a "
+                    "finished run is a no-op and an interrupted one resumes)")
+    n = p.add_argument_group("runs (nightly, resumable, incremental)")
+    n.add_argument("--run-id", default=None,
+                   help="name of this run; rows go to OUTPUT/run=<run-id>/ (default: today's "
+                   "UTC date, YYYY-MM-DD; with --retry-errors: <RUN_ID>-retry)")
+    n.add_argument("--incremental", action="store_true",
+                   help="skip inputs that earlier finished runs under --output already "
+                   "processed with the same model, weights, preprocessing and task, keyed on "
+                   "URI + content fingerprint (changed files are recomputed)")
+    n.add_argument("--retry-errors", default=None, metavar="RUN_ID",
+                   help="process only the inputs that failed in that finished run")
+    n.add_argument("--fingerprint", default="stat", choices=("stat", "hash"),
+                   help="content fingerprint for --incremental: stat = size + ETag (object "
+                   "stores) or mtime (files), from the listing; hash = sha256 of the bytes "
+                   "(reads every input on the driver: slow, for stores without ETags)")
     io.add_argument("--rows-per-file", type=int, default=50_000,
                     help="input images per output part file")
     io.add_argument("--storage-options", default=None,
@@ -152,6 +176,20 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
                           "named weights (they bring their own preprocessing)")
     if args.device == "cpu" and args.precision in ("bf16", "fp16"):
         raise ConfigError("--precision bf16/fp16 needs --device cuda (CPU runs in fp32)")
+    run_id = args.run_id
+    if run_id is None:
+        run_id = (f"{args.retry_errors}-retry" if args.retry_errors
+                  else time.strftime("%Y-%m-%d", time.gmtime()))
+    for name, value in (("--run-id", run_id), ("--retry-errors", args.retry_errors)):
+        if value is not None and not RUN_ID_RE.fullmatch(value):
+            raise ConfigError(f"{name} {value!r}: use letters, digits, '.', '_', '-' and start "
+                              f"with a letter or digit (it becomes a folder name run=<id>)")
+    if args.retry_errors and args.retry_errors == run_id:
+        raise ConfigError("--retry-errors writes a new run: give a --run-id other than the "
+                          "failed run's (or leave it out for <RUN_ID>-retry)")
+    if args.retry_errors and args.incremental:
+        raise ConfigError("--retry-errors and --incremental do not combine: a retry already "
+                          "processes only the failed inputs")
     input_uri = args.input if "://" in args.input else os.path.abspath(args.input)
     output_uri = args.output if "://" in args.output else os.path.abspath(args.output)
     return ExtractConfig(
@@ -178,5 +216,9 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         draft_factor=args.draft_factor,
         compile=args.compile,
         overwrite=args.overwrite,
+        run_id=run_id,
+        incremental=args.incremental,
+        retry_errors=args.retry_errors,
+        fingerprint=args.fingerprint,
         storage_options=storage_options,
     )

@@ -28,8 +28,21 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 )
 
 LISTING_SCHEMA = pa.schema(
-    [("index", pa.int64()), ("uri", pa.string()), ("size_bytes", pa.int64())]
+    [("index", pa.int64()), ("uri", pa.string()), ("size_bytes", pa.int64()),
+     ("fingerprint", pa.string())]
 )
+
+
+def stat_fingerprint(info: dict[str, Any]) -> str:
+    """Content fingerprint from listing metadata: size + ETag (object stores) or mtime (files)."""
+    size = int(info.get("size") or 0)
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    if etag:
+        return f"{size}:etag:{str(etag).strip(chr(34))}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"{size}:mtime:{mtime}"
 
 
 class InputError(RuntimeError):
@@ -63,7 +76,7 @@ def list_images(uri: str, storage_options: dict[str, Any] | None = None) -> List
         raise
     except (OSError, ValueError, PermissionError) as exc:
         raise InputError(f"cannot list input {uri}: {type(exc).__name__}: {exc}") from exc
-    uris, sizes, skipped = [], [], 0
+    uris, sizes, fingerprints, skipped = [], [], [], 0
     for path in sorted(found):
         info = found[path]
         if info.get("type", "file") != "file":
@@ -73,13 +86,15 @@ def list_images(uri: str, storage_options: dict[str, Any] | None = None) -> List
             continue
         uris.append(storage.full_uri(fs, path))
         sizes.append(int(info.get("size") or 0))
+        fingerprints.append(stat_fingerprint(info))
     if not uris:
         raise InputError(
             f"no images under {uri} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
             f"any case; {skipped} other files ignored)"
         )
     table = pa.table(
-        {"index": np.arange(len(uris), dtype=np.int64), "uri": uris, "size_bytes": sizes},
+        {"index": np.arange(len(uris), dtype=np.int64), "uri": uris, "size_bytes": sizes,
+         "fingerprint": fingerprints},
         schema=LISTING_SCHEMA,
     )
     seconds = time.perf_counter() - start
