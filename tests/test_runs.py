@@ -1,0 +1,244 @@
+"""Runs: exactly-once output across killed drivers and actors, resume, no-op, incremental, retry."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from helpers import cosine, reference_outputs
+from PIL import Image
+
+from resnet_features.config import config_from_args, get_args_parser
+from resnet_features.inference import ModelRunner
+from resnet_features.pipeline import run
+from resnet_features.reader import list_images
+from resnet_features.runs import incremental_filter, load_features
+from resnet_features.samples import load_photo, write_samples
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_cfg(*argv: str):
+    return config_from_args(get_args_parser().parse_args(list(argv)))
+
+
+def job_args(inp: str, out: str, weights: str, run_id: str, *extra: str) -> list[str]:
+    return ["--input", inp, "--output", out, "--model", "resnet18", "--weights", weights,
+            "--run-id", run_id, "--device", "cpu", *extra]
+
+
+def published_uris(out: str) -> list[str]:
+    """Every row a plain hive dataset reader sees (independent of load_features)."""
+    table = pads.dataset(out, format="parquet", partitioning="hive").to_table(
+        columns=["uri", "run"])
+    return table.column("uri").to_pylist()
+
+
+def write_small(folder: str, count: int, seed: int) -> list[str]:
+    """Small real photos (long side <= 200 px): fast to decode on a shared 2-core machine."""
+    paths = write_samples(folder, count=count, seed=seed)
+    for p in paths:
+        with Image.open(p) as im:
+            im.load()
+            im.thumbnail((200, 200))
+            im.save(p)
+    return sorted(paths)
+
+
+# -- no Ray ----------------------------------------------------------------------------------
+
+
+def test_incremental_filter_matches_set_logic():
+    rng = np.random.default_rng(0)
+    uris = [f"s3://b/img{i:06d}.jpg" for i in range(2000)]
+    fps = [f"{i}:etag:{rng.integers(1 << 30)}" for i in range(2000)]
+    listing = pa.table({"index": np.arange(2000), "uri": uris, "size_bytes": np.zeros(2000),
+                        "fingerprint": fps})
+    old = {(u, f) for u, f in zip(uris[:1500], fps[:1500])}
+    changed = set(range(100, 120))
+    ledger_rows = [(u, "stale" if i in changed else f)
+                   for i, (u, f) in enumerate(zip(uris[:1500], fps[:1500]))]
+    ledger = pa.table({"uri": [u for u, _ in ledger_rows], "fingerprint": [f for _, f in
+                                                                         ledger_rows]})
+    todo, counts = incremental_filter(listing, ledger)
+    expect = np.array([(u, f) not in old or i in changed
+                       for i, (u, f) in enumerate(zip(uris, fps))])
+    assert (todo == expect).all()
+    assert counts == {"skipped_unchanged": 1480, "changed": 20, "new": 500}
+
+
+# -- end to end, in process --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_incremental_add_10_change_1(resnet18_weights, ray_local, tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    write_small(inp, 30, seed=5)
+    r1 = run(make_cfg(*job_args(inp, out, resnet18_weights, "night1", "--rows-per-file", "8")))
+    assert r1.exit_code == 0 and r1.summary["computed"] == 30
+    old = {r["uri"]: r for r in load_features(out).to_pylist()}
+
+    again = run(make_cfg(*job_args(inp, out, resnet18_weights, "night1")))
+    assert again.summary.get("noop") and "already finished" in again.reason
+
+    new_dir = str(tmp_path / "new")
+    for p in write_small(new_dir, 10, seed=6):
+        shutil.move(p, os.path.join(inp, "new_" + os.path.basename(p)))
+    changed = sorted(glob.glob(os.path.join(inp, "0*.jpg")))[0]
+    Image.fromarray(load_photo("astronaut")).resize((180, 150)).save(changed, quality=85)
+
+    r2 = run(make_cfg(*job_args(inp, out, resnet18_weights, "night2", "--incremental")))
+    assert r2.exit_code == 0, r2.reason
+    inc = r2.summary["skipped"]["incremental"]
+    assert r2.summary["computed"] == 11
+    assert (inc["skipped_unchanged"], inc["changed"], inc["new"]) == (29, 1, 10)
+
+    table = load_features(out)
+    paths = sorted(glob.glob(os.path.join(inp, "*")))
+    assert sorted(table.column("uri").to_pylist()) == paths  # 40 unique URIs
+    rows = {r["uri"]: r for r in table.to_pylist()}
+    assert rows[changed]["run"] == "night2"
+    ref_emb, _, _ = reference_outputs("resnet18", resnet18_weights, [changed])
+    new_emb = np.asarray(rows[changed]["embedding"], dtype=np.float32)[None]
+    assert cosine(new_emb, ref_emb)[0] >= 0.999
+    assert cosine(new_emb, np.asarray(old[changed]["embedding"])[None])[0] < 0.99
+    # A plain dataset reader sees each input once per run: 30 + 11 rows.
+    seen = published_uris(out)
+    assert len(seen) == 41 and len(set(seen)) == 40
+    assert not os.path.exists(os.path.join(out, "_staging"))
+
+
+@pytest.mark.slow
+def test_retry_errors_processes_only_failed(resnet18_weights, ray_local, tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    write_small(inp, 4, seed=7)
+    broken = os.path.join(inp, "broken.jpg")
+    with open(broken, "wb") as f:
+        f.write(b"not a jpeg at all")
+    r1 = run(make_cfg(*job_args(inp, out, resnet18_weights, "r1")))
+    assert (r1.summary["succeeded"], r1.summary["failed"]) == (4, 1)
+    Image.fromarray(load_photo("coffee")).resize((160, 120)).save(broken)
+    r2 = run(make_cfg(*job_args(inp, out, resnet18_weights, "r1-fix", "--retry-errors", "r1")))
+    assert r2.exit_code == 0 and r2.summary["computed"] == 1
+    assert r2.summary["skipped"]["retry_errors"]["retried"] == 1
+    table = load_features(out)
+    assert sorted(table.column("uri").to_pylist()) == sorted(glob.glob(os.path.join(inp, "*")))
+
+
+@pytest.mark.slow
+def test_killed_model_actor_rows_exactly_once(resnet18_weights, ray_local, tmp_path):
+    """A model actor process dies (os._exit) mid-run; Ray restarts it and retries its batch."""
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    paths = write_small(inp, 12, seed=8)
+    marker = str(tmp_path / "kill-one-actor")
+    open(marker, "w").close()
+
+    class DyingRunner(ModelRunner):
+        calls = 0
+
+        def __call__(self, batch):
+            DyingRunner.calls += 1
+            if DyingRunner.calls == 2 and os.path.exists(marker):
+                os.remove(marker)
+                os._exit(1)  # the actor process dies, mid-run, once
+            return super().__call__(batch)
+
+    result = run(make_cfg(*job_args(inp, out, resnet18_weights, "r", "--batch-size", "2",
+                                    "--decode-batch-size", "2", "--rows-per-file", "5")),
+                 runner_cls=DyingRunner)
+    assert not os.path.exists(marker), "the actor was never killed"
+    assert result.exit_code == 0, result.reason
+    uris = published_uris(out)
+    assert sorted(uris) == paths  # every input exactly once
+    assert result.summary["succeeded"] == 12
+
+
+# -- end to end: SIGKILL of the driver -------------------------------------------------------
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes of the session the killed driver led (Ray's raylet, GCS, workers)."""
+    pids = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # fields: state ppid pgrp session ...
+            pids.append(int(stat.split("/")[2]))
+    return pids
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    leftovers = _session_pids(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+def _job(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": ROOT}
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "extract.py"), *args],
+                            env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_driver_then_rerun_exactly_once(resnet18_weights, tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    paths = write_small(inp, 40, seed=9)
+    args = job_args(inp, out, resnet18_weights, "2026-01-01", "--rows-per-file", "4",
+                    "--batch-size", "2", "--decode-batch-size", "2")
+    fragments = os.path.join(out, "_staging", "run=2026-01-01", "_ledger")
+    proc = _job(args)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if glob.glob(os.path.join(fragments, "*.parquet")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+    finally:
+        _kill_session(proc)
+    committed = pa.concat_tables([pq.read_table(p) for p in
+                                  glob.glob(os.path.join(fragments, "*.parquet"))])
+    assert 0 < committed.num_rows < 40
+    assert not os.path.exists(os.path.join(out, "run=2026-01-01", "_SUCCESS"))
+    assert published_uris(out) == []  # nothing of the killed attempt is visible
+
+    proc = _job(args)
+    try:
+        stdout, _ = proc.communicate(timeout=400)
+    finally:
+        _kill_session(proc)
+    assert proc.returncode == 0, stdout[-3000:]
+    summary = json.load(open(os.path.join(out, "run=2026-01-01", "_SUCCESS")))
+    assert summary["reused"] >= committed.num_rows
+    assert summary["computed"] == 40 - summary["reused"] < 40  # fewer recomputed
+    assert summary["attempt"] == 1
+    uris = published_uris(out)
+    assert sorted(uris) == paths  # every input exactly once, nothing duplicated
+    assert not os.path.exists(os.path.join(out, "_staging"))
+    assert sorted(load_features(out).column("uri").to_pylist()) == paths
+
+    proc = _job(args)  # a finished run: no-op
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "NO-OP" in stdout
