@@ -61,7 +61,7 @@ class JobResult:
 
 
 class _ModelActor:
-    """Ray actor shell around the Ray-free ModelRunner; fetches the weights from the object store."""
+    """Ray actor shell around the Ray-free ModelRunner; gets the weights from the object store."""
 
     def __init__(self, runner_cls, spec: ModelSpec, state_ref: list, options: InferenceOptions):
         state_dict = ray.get(state_ref[0]) if state_ref else None
@@ -247,13 +247,21 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
                            state_ref, options, runner_cls)
         n, done, last_log = work.num_rows, 0, time.perf_counter()
         work_t0 = time.perf_counter()
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            writer.add(batch)
-            done += len(batch["index"])
-            if time.perf_counter() - last_log > 10:
-                last_log = time.perf_counter()
-                log.info("%d/%d images done (%.1f images/s)", done, n,
-                         done / (last_log - work_t0))
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        try:
+            for batch in batches:
+                writer.add(batch)
+                done += len(batch["index"])
+                if time.perf_counter() - last_log > 10:
+                    last_log = time.perf_counter()
+                    log.info("%d/%d images done (%.1f images/s)", done, n,
+                             done / (last_log - work_t0))
+        finally:
+            # On an error (storage down while writing), stop the pipeline and free its actors
+            # now; committed parts stay staged and a rerun resumes from them.
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
         missing = [writer.uris[i] for i in writer.missing_indices()]
         writer.close()
         stats = writer.stats

@@ -113,6 +113,7 @@ class RunLayout:
 
     def finished_summary(self) -> dict[str, Any] | None:
         """The `_SUCCESS` summary of this run if it finished, else None."""
+        self.fs.invalidate_cache()
         return _read_json(self.fs, storage.join(self.final, SUCCESS_FILE))
 
     def published_manifest(self) -> dict[str, Any] | None:
@@ -128,6 +129,7 @@ class RunLayout:
         """Begin an attempt: discard staging if asked (or if it was for another task), drop
         files no ledger fragment commits, and return the committed inputs."""
         fs, staging = self.fs, self.staging
+        fs.invalidate_cache()  # object-store listing caches may predate a dead attempt
         if fs.exists(staging):
             first = _read_json(fs, storage.join(staging, ATTEMPTS_DIR, "0.json"))
             if fresh or first is None or first.get("task_fingerprint") != task_fp:
@@ -216,6 +218,7 @@ class RunLayout:
     def publish(self) -> dict[str, Any]:
         """Move the staged run to run=<id>/, replacing an older run only now; `_SUCCESS` last."""
         fs, staging, final = self.fs, self.staging, self.final
+        fs.invalidate_cache()
         manifest = _read_json(fs, storage.join(staging, MANIFEST_FILE))
         if manifest is None:
             raise RuntimeError(f"run {self.run_id} has no staged manifest to publish")

@@ -22,7 +22,6 @@ from PIL import Image
 from resnet_features.config import config_from_args, get_args_parser
 from resnet_features.inference import ModelRunner
 from resnet_features.pipeline import run
-from resnet_features.reader import list_images
 from resnet_features.runs import incremental_filter, load_features
 from resnet_features.samples import load_photo, write_samples
 
@@ -242,3 +241,76 @@ def test_sigkill_driver_then_rerun_exactly_once(resnet18_weights, tmp_path):
     proc = _job(args)  # a finished run: no-op
     stdout, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "NO-OP" in stdout
+
+
+# -- end to end: the object store goes away while parts are written --------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_s3_outage_during_write_then_rerun_exactly_once(resnet18_weights, ray_local, tmp_path,
+                                                        monkeypatch):
+    import threading
+
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)]
+    servers[0].start()
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="nightly")
+        inp = str(tmp_path / "in")
+        paths = write_small(inp, 12, seed=10)
+        args = job_args(inp, "s3://nightly/out", resnet18_weights, "s3run", "--rows-per-file",
+                        "2", "--batch-size", "2", "--decode-batch-size", "2")
+        outage = {}
+
+        def cut_storage():
+            prefix = "out/_staging/run=s3run/_ledger/"
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                if client.list_objects_v2(Bucket="nightly", Prefix=prefix).get("KeyCount"):
+                    break
+                time.sleep(0.05)
+            servers[0].stop()  # the state lives in-process: a restart keeps the objects
+            outage["at"] = time.time()
+            time.sleep(3)
+            servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+            servers[-1].start()
+
+        cutter = threading.Thread(target=cut_storage, daemon=True)
+        cutter.start()
+        try:
+            first = run(make_cfg(*args))
+            outcome = first.exit_code
+        except Exception as exc:  # failing loudly is allowed; silently losing rows is not
+            outcome = exc
+        cutter.join(timeout=320)
+        assert "at" in outage, "the storage outage never happened"
+        assert outcome == 0 or isinstance(outcome, Exception), outcome
+
+        second = run(make_cfg(*args))
+        assert second.exit_code == 0, second.reason
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+        fs.invalidate_cache()
+        table = pads.dataset("nightly/out", filesystem=fs, format="parquet",
+                             partitioning="hive").to_table(columns=["uri"])
+        assert sorted(table.column("uri").to_pylist()) == paths  # exactly once
+        assert not fs.exists("nightly/out/_staging/run=s3run")
+        assert sorted(load_features("s3://nightly/out").column("uri").to_pylist()) == paths
+    finally:
+        servers[-1].stop()
