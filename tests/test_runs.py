@@ -314,3 +314,36 @@ def test_s3_outage_during_write_then_rerun_exactly_once(resnet18_weights, ray_lo
         assert sorted(load_features("s3://nightly/out").column("uri").to_pylist()) == paths
     finally:
         servers[-1].stop()
+
+
+# -- scheduling files -------------------------------------------------------------------------
+
+
+def test_nightly_wrapper_and_rayjob_manifest():
+    import yaml
+
+    env = {**os.environ, "PYTHON": "echo"}
+    line = subprocess.run(["bash", os.path.join(ROOT, "jobs", "nightly.sh"), "s3://in", "/out",
+                           "--model", "resnet18"], env=env, capture_output=True, text=True,
+                          check=True).stdout.split()
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    assert line[:8] == ["jobs/extract.py", "--input", "s3://in", "--output", "/out",
+                        "--run-id", today, "--incremental"]
+    cfg = config_from_args(get_args_parser().parse_args(line[1:]))  # the flags parse
+    assert cfg.incremental and cfg.run_id == today and cfg.model == "resnet18"
+    with open(os.path.join(ROOT, "jobs", "rayjob-nightly.yaml")) as f:
+        job = yaml.safe_load(f)
+    assert job["kind"] == "RayJob" and job["apiVersion"] == "ray.io/v1"
+    assert job["spec"]["entrypoint"].startswith("bash jobs/nightly.sh ")
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == "2.60.0"
+
+
+def test_run_id_flags_validated():
+    parse = get_args_parser().parse_args
+    base = ["--input", "a", "--output", "b"]
+    assert config_from_args(parse(base + ["--retry-errors", "x"])).run_id == "x-retry"
+    for bad in (["--run-id", "../x"], ["--run-id", "_hidden"],
+                ["--retry-errors", "r", "--run-id", "r"],
+                ["--retry-errors", "r", "--incremental"]):
+        with pytest.raises(ValueError):
+            config_from_args(parse(base + bad))
