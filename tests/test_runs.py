@@ -39,9 +39,10 @@ def job_args(inp: str, out: str, weights: str, run_id: str, *extra: str) -> list
 
 def published_uris(out: str) -> list[str]:
     """Every row a plain hive dataset reader sees (independent of load_features)."""
-    table = pads.dataset(out, format="parquet", partitioning="hive").to_table(
-        columns=["uri", "run"])
-    return table.column("uri").to_pylist()
+    dataset = pads.dataset(out, format="parquet", partitioning="hive")
+    if not dataset.files:
+        return []
+    return dataset.to_table(columns=["uri", "run"]).column("uri").to_pylist()
 
 
 def write_small(folder: str, count: int, seed: int) -> list[str]:
@@ -207,27 +208,34 @@ def test_sigkill_driver_then_rerun_exactly_once(resnet18_weights, tmp_path):
     args = job_args(inp, out, resnet18_weights, "2026-01-01", "--rows-per-file", "4",
                     "--batch-size", "2", "--decode-batch-size", "2")
     fragments = os.path.join(out, "_staging", "run=2026-01-01", "_ledger")
-    proc = _job(args)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if glob.glob(os.path.join(fragments, "*.parquet")):
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-    finally:
-        _kill_session(proc)
+    for _ in range(3):  # a shared, overloaded machine can make Ray's own startup time out
+        proc = _job(args)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None:
+                if glob.glob(os.path.join(fragments, "*.parquet")):
+                    break
+                time.sleep(0.05)
+            output = "" if proc.poll() is None else proc.stdout.read()
+        finally:
+            _kill_session(proc)
+        if "timed out during startup" not in output:
+            break
+    assert output == "", output[-3000:]  # killed while running, not finished or failed
     committed = pa.concat_tables([pq.read_table(p) for p in
                                   glob.glob(os.path.join(fragments, "*.parquet"))])
     assert 0 < committed.num_rows < 40
     assert not os.path.exists(os.path.join(out, "run=2026-01-01", "_SUCCESS"))
     assert published_uris(out) == []  # nothing of the killed attempt is visible
 
-    proc = _job(args)
-    try:
-        stdout, _ = proc.communicate(timeout=400)
-    finally:
-        _kill_session(proc)
+    for _ in range(3):
+        proc = _job(args)
+        try:
+            stdout, _ = proc.communicate(timeout=400)
+        finally:
+            _kill_session(proc)
+        if "timed out during startup" not in stdout:
+            break
     assert proc.returncode == 0, stdout[-3000:]
     summary = json.load(open(os.path.join(out, "run=2026-01-01", "_SUCCESS")))
     assert summary["reused"] >= committed.num_rows
