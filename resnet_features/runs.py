@@ -61,6 +61,15 @@ def fingerprint_of(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _ls(fs, path: str) -> list[str]:
+    """Entries under a folder; none when it does not exist (object stores have no empty
+    folders: a prefix exists only while objects do)."""
+    try:
+        return [p.rstrip("/") for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
 def _read_json(fs, path: str) -> dict[str, Any] | None:
     try:
         with fs.open(path, "r") as f:
@@ -137,7 +146,7 @@ class RunLayout:
                 log.warning("discarding the staged attempt of run %s (%s)", self.run_id, why)
                 fs.rm(staging, recursive=True)
         fs.makedirs(storage.join(staging, ATTEMPTS_DIR), exist_ok=True)
-        attempts = [p for p in fs.ls(storage.join(staging, ATTEMPTS_DIR), detail=False)
+        attempts = [p for p in _ls(fs, storage.join(staging, ATTEMPTS_DIR))
                     if p.endswith(".json")]
         attempt = len(attempts)
         committed = self._committed_ledger()
@@ -155,7 +164,7 @@ class RunLayout:
         folder = storage.join(self.staging, LEDGER_DIR)
         if not self.fs.exists(folder):
             return LEDGER_SCHEMA.empty_table()
-        paths = sorted(p for p in self.fs.ls(folder, detail=False) if p.endswith(".parquet"))
+        paths = sorted(p for p in _ls(self.fs, folder) if p.endswith(".parquet"))
         tables = [_read_parquet(self.fs, p, LEDGER_SCHEMA.names) for p in paths]
         return pa.concat_tables([t.cast(LEDGER_SCHEMA) for t in tables]) if tables \
             else LEDGER_SCHEMA.empty_table()
@@ -172,7 +181,7 @@ class RunLayout:
             folder = storage.join(staging, sub) if sub else staging
             if not fs.exists(folder):
                 continue
-            for p in fs.ls(folder, detail=False):
+            for p in _ls(fs, folder):
                 name = p.rsplit("/", 1)[-1]
                 rel = storage.join(sub, name) if sub else name
                 if name.startswith("part-") and rel not in keep:
@@ -241,7 +250,7 @@ class RunLayout:
             fs.rm(trash, recursive=True)
         for folder in (STAGING_ROOT, TRASH_ROOT):  # tidy: no empty `_` folders left behind
             path = storage.join(self.root, folder)
-            if fs.exists(path) and not fs.ls(path, detail=False):
+            if fs.exists(path) and not _ls(fs, path):
                 fs.rm(path, recursive=True)
         log.info("published run %s: %d rows in %d files, %d error rows", self.run_id,
                  manifest["rows"], len(manifest["files"]), manifest["errors"])
@@ -268,7 +277,7 @@ def finished_runs(fs, root: str, *, include_failed: bool = False) -> list[RunInf
     if not fs.exists(root):
         return []
     runs = []
-    for p in fs.ls(root, detail=False):
+    for p in _ls(fs, root):
         name = p.rstrip("/").rsplit("/", 1)[-1]
         if not name.startswith("run="):
             continue

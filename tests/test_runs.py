@@ -285,15 +285,16 @@ def test_s3_outage_during_write_then_rerun_exactly_once(resnet18_weights, ray_lo
         paths = write_small(inp, 12, seed=10)
         args = job_args(inp, "s3://nightly/out", resnet18_weights, "s3run", "--rows-per-file",
                         "2", "--batch-size", "2", "--decode-batch-size", "2")
-        outage = {}
+        outage, first_done = {}, threading.Event()
 
         def cut_storage():
             prefix = "out/_staging/run=s3run/_ledger/"
-            deadline = time.time() + 300
-            while time.time() < deadline:
+            while not first_done.is_set():
                 if client.list_objects_v2(Bucket="nightly", Prefix=prefix).get("KeyCount"):
                     break
                 time.sleep(0.05)
+            else:
+                return
             servers[0].stop()  # the state lives in-process: a restart keeps the objects
             outage["at"] = time.time()
             time.sleep(3)
@@ -307,6 +308,7 @@ def test_s3_outage_during_write_then_rerun_exactly_once(resnet18_weights, ray_lo
             outcome = first.exit_code
         except Exception as exc:  # failing loudly is allowed; silently losing rows is not
             outcome = exc
+        first_done.set()
         cutter.join(timeout=320)
         assert "at" in outage, "the storage outage never happened"
         assert outcome == 0 or isinstance(outcome, Exception), outcome
