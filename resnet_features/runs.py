@@ -232,7 +232,6 @@ class RunLayout:
         if manifest is None:
             raise RuntimeError(f"run {self.run_id} has no staged manifest to publish")
         old = self.published_manifest()
-        trash = None
         if old is not None and old.get("publish_id") != manifest["publish_id"]:
             trash = storage.join(self.root, TRASH_ROOT, f"run={self.run_id}-{uuid.uuid4().hex}")
             log.warning("--overwrite: replacing the finished run %s", self.run_id)
@@ -246,8 +245,10 @@ class RunLayout:
             if fs.exists(src):  # absent: moved by an earlier, interrupted publish
                 fs.mv(src, storage.join(final, rel))
         fs.rm(staging, recursive=True)
-        if trash is not None:
-            fs.rm(trash, recursive=True)
+        # The replaced run, also one an interrupted publish of this run left in the trash.
+        for p in _ls(fs, storage.join(self.root, TRASH_ROOT)):
+            if p.rsplit("/", 1)[-1].startswith(f"run={self.run_id}-"):
+                fs.rm(p, recursive=True)
         for folder in (STAGING_ROOT, TRASH_ROOT):  # tidy: no empty `_` folders left behind
             path = storage.join(self.root, folder)
             if fs.exists(path) and not _ls(fs, path):

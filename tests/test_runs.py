@@ -357,3 +357,95 @@ def test_run_id_flags_validated():
                 ["--retry-errors", "r", "--incremental"]):
         with pytest.raises(ValueError):
             config_from_args(parse(base + bad))
+
+
+# -- the commit protocol without Ray: uncommitted files, --overwrite, an interrupted publish -----
+
+
+def _fake_rows(listing: pa.Table, value: float) -> dict[str, np.ndarray]:
+    n = listing.num_rows
+    return {"index": listing.column("index").to_numpy(),
+            "uri": np.asarray(listing.column("uri").to_pylist(), dtype=object),
+            "embedding": np.full((n, 512), value, dtype=np.float32),
+            "width": np.full(n, 10), "height": np.full(n, 10),
+            "error_stage": np.full(n, "", dtype=object), "error_type": np.full(n, "", dtype=object),
+            "error_message": np.full(n, "", dtype=object)}
+
+
+def _stage_run(layout, spec, listing, value: float, *, fresh: bool = False):
+    from resnet_features import runs
+    from resnet_features.writer import PartWriter
+
+    identity = runs.task_identity(spec, "embed", 5)
+    state = layout.start_attempt(runs.fingerprint_of(identity), fresh=fresh)
+    todo = ~np.isin(listing.column("uri").to_numpy(zero_copy_only=False),
+                    state.committed.column("uri").to_numpy(zero_copy_only=False))
+    work = listing.filter(pa.array(todo))
+    work = work.set_column(0, "index", pa.array(np.arange(work.num_rows)))
+    writer = PartWriter(layout.staging_uri(), spec=spec, task="embed", listing=work,
+                        rows_per_file=3, file_metadata={}, attempt=state.attempt)
+    if work.num_rows:
+        writer.add(_fake_rows(work, value))
+        writer.add(_fake_rows(work.slice(0, 2), value + 1))  # repeats (a retried task): dropped
+    writer.close()
+    return state, writer, identity
+
+
+def test_commit_protocol_resume_overwrite_and_interrupted_publish(tmp_path):
+    from resnet_features import runs, storage
+    from resnet_features.models import resolve_model
+
+    spec, _ = resolve_model("resnet18", "random")
+    out = str(tmp_path / "out")
+    uris = [f"/data/img{i:02d}.jpg" for i in range(7)]
+    listing = pa.table({"index": np.arange(7), "uri": uris, "size_bytes": np.ones(7, np.int64),
+                        "fingerprint": ["1:mtime:0"] * 7})
+    fs, root = storage.filesystem(out)
+    layout = runs.RunLayout(fs, root, "r")
+
+    # Attempt 0 commits the first part only; a data file and a temp file are left uncommitted.
+    state, writer, identity = _stage_run(layout, spec, listing.slice(0, 3), 1.0)
+    assert writer.duplicates_dropped == 2 and state.attempt == 0
+    staging = os.path.join(out, "_staging", "run=r")
+    open(os.path.join(staging, "part-00001.parquet"), "wb").write(b"half a parquet file")
+    os.makedirs(os.path.join(staging, "_tmp"), exist_ok=True)
+    open(os.path.join(staging, "_tmp", "x"), "wb").write(b"partial")
+    assert published_uris(out) == []
+
+    state, writer, _ = _stage_run(layout, spec, listing, 2.0)  # the resumed attempt
+    assert state.attempt == 1 and state.discarded_files == 1
+    assert sorted(state.committed.column("uri").to_pylist()) == uris[:3]
+    assert writer.stats.succeeded == 4  # only the 4 inputs no committed part holds
+    layout.stage_manifest({"run": "r"}, identity, success=True)
+    layout.publish()
+    assert sorted(published_uris(out)) == uris  # exactly once
+    emb = {r["uri"]: r["embedding"][0] for r in load_features(out).to_pylist()}
+    assert [emb[u] for u in uris] == [1.0] * 3 + [2.0] * 4
+    assert sorted(os.listdir(out)) == ["run=r"]
+
+    # --overwrite: the old run stays readable until the new one is complete and published.
+    _stage_run(layout, spec, listing, 5.0, fresh=True)
+    layout.stage_manifest({"run": "r"}, identity, success=True)
+    assert {r["embedding"][0] for r in load_features(out).to_pylist()} == {1.0, 2.0}
+    # The publish is cut short after moving one file; the rerun finishes it.
+    staged = json.load(open(os.path.join(staging, "_manifest.json")))
+    real_mv = fs.mv
+    moved = []
+
+    def mv_then_die(src, dst, **kw):
+        if len(moved) == 2:  # 1: the old run to the trash, 2: one data file
+            raise OSError("driver killed")
+        moved.append(src)
+        return real_mv(src, dst, **kw)
+
+    fs.mv = mv_then_die
+    with pytest.raises(OSError):
+        layout.publish()
+    fs.mv = real_mv
+    assert layout.finished_summary() is None and layout.publish_pending()
+    assert load_features(out).num_rows == 0  # no finished run visible half-replaced
+    assert layout.publish()["publish_id"] == staged["publish_id"]
+    table = load_features(out)
+    assert sorted(table.column("uri").to_pylist()) == uris
+    assert {r["embedding"][0] for r in table.to_pylist()} == {5.0}
+    assert sorted(os.listdir(out)) == ["run=r"]
