@@ -206,7 +206,7 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     if layout.publish_pending() and not cfg.overwrite:
         log.info("run %s was complete but not fully published: publishing it now", cfg.run_id)
         manifest = layout.publish()
-        summary = layout.finished_summary() or {"status": manifest["status"]}
+        summary = layout.published_summary() or {"status": manifest["status"]}
         return JobResult(summary=summary, exit_code=0 if manifest["status"] == "succeeded" else 3,
                          reason=summary.get("reason", "published"))
     if (fs.exists(layout.final) and finished is None and layout.published_manifest() is None

@@ -125,6 +125,10 @@ class RunLayout:
         self.fs.invalidate_cache()
         return _read_json(self.fs, storage.join(self.final, SUCCESS_FILE))
 
+    def published_summary(self) -> dict[str, Any] | None:
+        """`_summary.json` of a published run, also one that failed its error-rate check."""
+        return _read_json(self.fs, storage.join(self.final, SUMMARY_FILE))
+
     def published_manifest(self) -> dict[str, Any] | None:
         return _read_json(self.fs, storage.join(self.final, MANIFEST_FILE))
 

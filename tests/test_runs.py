@@ -22,6 +22,7 @@ from PIL import Image
 from resnet_features.config import config_from_args, get_args_parser
 from resnet_features.inference import ModelRunner
 from resnet_features.pipeline import run
+from resnet_features.reader import list_images
 from resnet_features.runs import incremental_filter, load_features
 from resnet_features.samples import load_photo, write_samples
 
@@ -449,3 +450,17 @@ def test_commit_protocol_resume_overwrite_and_interrupted_publish(tmp_path):
     assert sorted(table.column("uri").to_pylist()) == uris
     assert {r["embedding"][0] for r in table.to_pylist()} == {5.0}
     assert sorted(os.listdir(out)) == ["run=r"]
+
+
+def test_hash_fingerprint_is_sha256_of_content(tmp_path):
+    import hashlib
+
+    from resnet_features.runs import hash_fingerprints
+
+    paths = write_small(str(tmp_path), 3, seed=11)
+    listing = list_images(str(tmp_path)).table
+    assert all(f.startswith(f"{os.path.getsize(p)}:mtime:") for p, f in
+               zip(paths, listing.column("fingerprint").to_pylist()))
+    hashed = hash_fingerprints(listing).column("fingerprint").to_pylist()
+    assert hashed == ["sha256:" + hashlib.sha256(open(p, "rb").read()).hexdigest()
+                      for p in paths]
