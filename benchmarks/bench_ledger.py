@@ -49,7 +49,7 @@ def make_earlier_runs(root: str, n: int, n_runs: int, task_fp: str) -> list[str]
         sl = uris[k * per:(k + 1) * per]
         m = len(sl)
         run_dir = os.path.join(root, f"run=2026-01-{k + 1:02d}")
-        os.makedirs(run_dir)
+        os.makedirs(os.path.join(run_dir, os.path.dirname(runs.LEDGER_FILE)))
         ledger = pa.table({"uri": sl, "fingerprint": fingerprints(sl),
                            "status": pa.array(["ok"] * m),
                            "file": pa.array(["part-00000.parquet"] * m)}, schema=LEDGER_SCHEMA)

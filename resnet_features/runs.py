@@ -4,8 +4,8 @@ Layout under OUTPUT (readers skip `_`-prefixed names, so only published rows are
 
     run=<id>/part-*.parquet        published rows (hive-style: datasets see a `run` column)
     run=<id>/_errors/part-*        error rows
-    run=<id>/_ledger.parquet       uri, fingerprint, status, file: sorted by uri, what later
-                                   --incremental runs read (two columns, never the embeddings)
+    run=<id>/_ledger/ledger.parquet   uri, fingerprint, status, file: sorted by uri; later
+                                   --incremental runs read two columns, never the embeddings
     run=<id>/_manifest.json        task fingerprint, file list, counts
     run=<id>/_summary.json, _SUCCESS   the summary; `_SUCCESS` is written last
     _staging/run=<id>/             the run while it is computed: parts + `_ledger/<part>`
@@ -47,7 +47,7 @@ ATTEMPTS_DIR = "_attempts"
 MANIFEST_FILE = "_manifest.json"
 SUMMARY_FILE = "_summary.json"
 SUCCESS_FILE = "_SUCCESS"
-LEDGER_FILE = "_ledger.parquet"
+LEDGER_FILE = "_ledger/ledger.parquet"  # a sub-folder: `run=*/*.parquet` globs stay data-only
 LEDGER_ROW_GROUP = 65_536
 
 
@@ -168,7 +168,8 @@ class RunLayout:
         folder = storage.join(self.staging, LEDGER_DIR)
         if not self.fs.exists(folder):
             return LEDGER_SCHEMA.empty_table()
-        paths = sorted(p for p in _ls(self.fs, folder) if p.endswith(".parquet"))
+        paths = sorted(p for p in _ls(self.fs, folder)
+                       if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"))
         tables = [_read_parquet(self.fs, p, LEDGER_SCHEMA.names) for p in paths]
         return pa.concat_tables([t.cast(LEDGER_SCHEMA) for t in tables]) if tables \
             else LEDGER_SCHEMA.empty_table()
@@ -243,7 +244,8 @@ class RunLayout:
             fs.mv(final, trash, recursive=True)
         order = (manifest["files"] + manifest["error_files"]
                  + [LEDGER_FILE, SUMMARY_FILE, MANIFEST_FILE, SUCCESS_FILE])
-        fs.makedirs(storage.join(final, ERRORS_DIR), exist_ok=True)
+        for sub in (ERRORS_DIR, LEDGER_DIR):
+            fs.makedirs(storage.join(final, sub), exist_ok=True)
         for rel in order:
             src = storage.join(staging, rel)
             if fs.exists(src):  # absent: moved by an earlier, interrupted publish

@@ -80,7 +80,7 @@ def test_output_types_and_readers(few_photos, resnet18_weights, ray_local, tmp_p
 
     n, dim, label = duckdb.sql(
         f"select count(*), max(len(embedding)), max(topk_labels[1]) "
-        f"from read_parquet('{out}/run=*/*.parquet', hive_partitioning=true)").fetchone()
+        f"from read_parquet('{out}/run=*/*.parquet', hive_partitioning=true)").fetchall()[0]
     assert n == 6 and dim == 512 and isinstance(label, str)
     df = pl.read_parquet(f"{out}/run=*/*.parquet")
     assert df.height == 6 and df.schema["embedding"] == pl.Array(pl.Float32, 512)
@@ -95,6 +95,6 @@ def test_second_run_gives_same_rows(few_photos, resnet18_weights, ray_local, tmp
         tables.append(read_rows(out))
         assert sorted(os.listdir(out)) == ["run=r"]
         files = sorted(os.listdir(os.path.join(out, "run=r")))
-        assert files == ["_SUCCESS", "_errors", "_ledger.parquet", "_manifest.json",
+        assert files == ["_SUCCESS", "_errors", "_ledger", "_manifest.json",
                          "_summary.json", "part-00000.parquet"]
     assert tables[0].equals(tables[1])
