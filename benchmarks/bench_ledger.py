@@ -115,7 +115,8 @@ def main() -> None:
         print(f"tonight's listing      : {listing.num_rows:,} objects "
               f"({args.new:,} new, {counts['changed']:,} changed)")
         print(f"listing {args.new:,} new files (local disk, list_images): {listing_s:.2f}s")
-        print(f"decision: read ledgers (2 columns) {read_s:.2f}s + Arrow is_in lookups {join_s:.2f}s "
+        print(f"decision: read ledgers (2 columns) {read_s:.2f}s + Arrow is_in lookups "
+              f"{join_s:.2f}s "
               f"= {read_s + join_s:.2f}s")
         print(f"decision memory: Arrow {(pool.bytes_allocated() - arrow0) / 2**20:.0f} MiB "
               f"held after, RSS +{rss_mib() - rss0:.0f} MiB (process peak RSS "
