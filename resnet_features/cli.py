@@ -49,12 +49,23 @@ def _apply_demo(args) -> None:
 
 def summary_paragraph(s: dict) -> str:
     by_stage = ", ".join(f"{k}: {v}" for k, v in sorted(s["failed_by_stage"].items())) or "none"
+    skipped = s.get("skipped", {})
+    inc = skipped.get("incremental")
+    extra = (f"; computed {s['computed']} of {s['listed']} listed, reused "
+             f"{s['reused']} from an interrupted attempt")
+    if inc:
+        extra += (f", {inc['skipped_unchanged']} unchanged skipped (--incremental; "
+                  f"{inc['changed']} changed, {inc['new']} new)")
+    if "retry_errors" in skipped:
+        extra += f", retried {skipped['retry_errors']['retried']} failed inputs"
     return (
-        f"{s['status'].upper()}: {s['inputs']} images from {s['input']} -> {s['output']}; "
+        f"{s['status'].upper()}: run {s['run_id']}: {s['inputs']} images from {s['input']} -> "
+        f"{s['output']}/run={s['run_id']}/{extra}; "
         f"{s['succeeded']} succeeded, {s['failed']} failed (by stage: {by_stage}). "
         f"Model {s['model']} ({s['weights']}), task {s['task']}, {s['device']} "
-        f"{s['precision']}, {s['elapsed_seconds']:.1f}s, {s['images_per_second']:.1f} images/s; "
-        f"{len(s['files'])} data files, {len(s['error_files'])} error files. {s['reason']}"
+        f"{s['precision']}, {s['elapsed_seconds']:.1f}s; "
+        f"{len(s.get('files', []))} data files, {len(s.get('error_files', []))} error files. "
+        f"{s['reason']}"
     )
 
 
@@ -77,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, InputError, OutputExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if result.summary.get("noop"):
+        print(f"NO-OP: {result.reason}")
+        return 0
     print(summary_paragraph(result.summary))
     if result.exit_code:
         print(f"error: {result.reason}", file=sys.stderr)

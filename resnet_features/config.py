@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +53,10 @@ class ExtractConfig:
     explain_method: str = "gradcam"
     explain_class: int | None = None  # None: each image's top-1 class
     explain_png: bool = False  # also write heatmap overlays as PNG files under explain_png/
+    run_id: str = "default"
+    incremental: bool = False
+    retry_errors: str | None = None
+    fingerprint: str = "stat"
     storage_options: dict[str, Any] = field(default_factory=dict)
     input_format: str = "auto"
     image_column: str = "image"
@@ -63,6 +69,9 @@ class ExtractConfig:
         d = asdict(self)
         d["storage_options"] = sorted(self.storage_options)  # keys only, never values
         return d
+
+
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -97,8 +106,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     io.add_argument("--output", help="output folder (local path or fsspec URI) for Parquet parts, "
                     "_errors/ and the _SUCCESS run summary")
     io.add_argument("--overwrite", action="store_true",
-                    help="replace an existing output folder (otherwise the job refuses to write "
-                    "into one that already holds files)")
+                    help="recompute a run that already finished; the old run=<run-id>/ is "
+                    "replaced only once the new one is complete (without it, rerunning a "
+                    "finished run is a no-op and an interrupted one resumes)")
+    n = p.add_argument_group("runs (nightly, resumable, incremental)")
+    n.add_argument("--run-id", default=None,
+                   help="name of this run; rows go to OUTPUT/run=<run-id>/ (default: today's "
+                   "UTC date, YYYY-MM-DD; with --retry-errors: <RUN_ID>-retry)")
+    n.add_argument("--incremental", action="store_true",
+                   help="skip inputs that earlier finished runs under --output already "
+                   "processed with the same model, weights, preprocessing and task, keyed on "
+                   "URI + content fingerprint (changed files are recomputed)")
+    n.add_argument("--retry-errors", default=None, metavar="RUN_ID",
+                   help="process only the inputs that failed in that finished run")
+    n.add_argument("--fingerprint", default="stat", choices=("stat", "hash"),
+                   help="content fingerprint for --incremental: stat = size + ETag (object "
+                   "stores) or mtime (files), from the listing; hash = sha256 of the bytes "
+                   "(reads every input on the driver: slow, for stores without ETags)")
     io.add_argument("--rows-per-file", type=int, default=None,
                     help="input images per output part file (default: aim at ~128 MB files, "
                     "e.g. ~16,000 rows for resnet50 embeddings + top-5, ~60,000 for resnet18)")
@@ -251,6 +275,21 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         layers = parse_layers(getattr(args, "layers", None))
     except ValueError as exc:
         raise ConfigError(f"--layers: {exc}") from None
+
+    run_id = args.run_id
+    if run_id is None:
+        run_id = (f"{args.retry_errors}-retry" if args.retry_errors
+                  else time.strftime("%Y-%m-%d", time.gmtime()))
+    for name, value in (("--run-id", run_id), ("--retry-errors", args.retry_errors)):
+        if value is not None and not RUN_ID_RE.fullmatch(value):
+            raise ConfigError(f"{name} {value!r}: use letters, digits, '.', '_', '-' and start "
+                              f"with a letter or digit (it becomes a folder name run=<id>)")
+    if args.retry_errors and args.retry_errors == run_id:
+        raise ConfigError("--retry-errors writes a new run: give a --run-id other than the "
+                          "failed run's (or leave it out for <RUN_ID>-retry)")
+    if args.retry_errors and args.incremental:
+        raise ConfigError("--retry-errors and --incremental do not combine: a retry already "
+                          "processes only the failed inputs")
     input_uri = args.input if "://" in args.input else os.path.abspath(args.input)
     output_uri = args.output if "://" in args.output else os.path.abspath(args.output)
     return ExtractConfig(
@@ -286,6 +325,10 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         explain_method=getattr(args, "explain_method", "gradcam"),
         explain_class=explain_class,
         explain_png=bool(getattr(args, "explain_png", False)),
+        run_id=run_id,
+        incremental=args.incremental,
+        retry_errors=args.retry_errors,
+        fingerprint=args.fingerprint,
         storage_options=storage_options,
         input_format=args.input_format,
         image_column=args.image_column,

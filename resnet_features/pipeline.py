@@ -15,20 +15,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import torch
 import torchvision
 from ray.util.annotations import RayDeprecationWarning
 
-from resnet_features import __version__, storage
+from resnet_features import __version__, runs, storage
 from resnet_features.config import ExtractConfig
 from resnet_features.decode import Decode, DecodeOptions
 from resnet_features.gpu_decode import with_gpu_decode
 from resnet_features.inference import InferenceOptions, ModelRunner, precision_name
 from resnet_features.models import ModelSpec, resolve_model
 from resnet_features.reader import InputSpec, Listing, ReadBytes, list_inputs, listing_blocks
-from resnet_features.writer import PartWriter, auto_rows_per_file, now_iso
+from resnet_features.writer import PartWriter, WriteStats, auto_rows_per_file, now_iso
 
 __all__ = ["JobResult", "OutputExistsError", "run"]
 
@@ -49,7 +51,7 @@ def read_group_size(n_inputs: int, cluster_cpus: float, decode_batch_size: int) 
 
 
 class OutputExistsError(RuntimeError):
-    """The output folder already holds files and --overwrite was not given."""
+    """The output holds something the run protocol cannot take over (see the message)."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class JobResult:
 
 
 class _ModelActor:
-    """Ray actor shell around the Ray-free ModelRunner; fetches the weights from the object store."""
+    """Ray actor shell around the Ray-free ModelRunner; gets the weights from the object store."""
 
     def __init__(self, runner_cls, spec: ModelSpec, state_ref: list, options: InferenceOptions):
         state_dict = ray.get(state_ref[0]) if state_ref else None
@@ -90,20 +92,6 @@ def _resolve_device(cfg: ExtractConfig) -> str:
                  gpus, device.upper())
         return device
     return cfg.device
-
-
-def _prepare_output(cfg: ExtractConfig) -> None:
-    fs, root = storage.filesystem(cfg.output, cfg.storage_options)
-    if fs.exists(root):
-        existing = fs.ls(root, detail=False)
-        if existing and not cfg.overwrite:
-            raise OutputExistsError(
-                f"output {cfg.output} already holds {len(existing)} entries; pass --overwrite "
-                f"to replace them or choose another --output")
-        if existing:
-            log.warning("--overwrite: removing the %d entries under %s", len(existing), cfg.output)
-            fs.rm(root, recursive=True)
-    fs.makedirs(root, exist_ok=True)
 
 
 def build_dataset(
@@ -206,12 +194,71 @@ def _load_head(cfg: ExtractConfig, spec: ModelSpec):
     return head
 
 
+def _noop(cfg: ExtractConfig, finished: dict[str, Any]) -> JobResult:
+    reason = (f"run {cfg.run_id} already finished at {finished.get('finished_at')} with "
+              f"{finished.get('succeeded')} rows under {cfg.output}/run={cfg.run_id}/; nothing to "
+              f"do (pass --overwrite to recompute it, or another --run-id)")
+    log.info(reason)
+    return JobResult(summary={**finished, "noop": True, "reason": reason}, exit_code=0,
+                     reason=reason)
+
+
+def _select_work(cfg: ExtractConfig, layout: runs.RunLayout, listing: pa.Table,
+                 state: runs.RunState, task_fp: str
+                 ) -> tuple[pa.Table, dict[str, Any], np.ndarray]:
+    """The listing rows this attempt computes, re-indexed 0..n-1, why the others are not, and
+    the mask that selected them (carried input columns are filtered with it)."""
+    skipped: dict[str, Any] = {}
+    todo = np.ones(listing.num_rows, dtype=bool)
+    if state.committed.num_rows:
+        done = pc.is_in(listing.column("uri"), value_set=state.committed.column("uri"))
+        todo &= ~done.to_numpy(zero_copy_only=False)
+        skipped["resumed_from_earlier_attempt"] = int(state.committed.num_rows)
+    if cfg.incremental:
+        t0 = time.perf_counter()
+        ledger = runs.read_ledgers(layout.fs, layout.root, task_fp, exclude_run=cfg.run_id)
+        mask, counts = runs.incremental_filter(listing, ledger)
+        todo &= mask
+        skipped["incremental"] = {**counts, "ledger_entries": ledger.num_rows,
+                                  "decision_seconds": round(time.perf_counter() - t0, 3),
+                                  "reason": "same uri + content fingerprint already computed "
+                                  "by an earlier finished run with this model/weights/"
+                                  "preprocessing/task"}
+    if cfg.retry_errors:
+        mask, counts = runs.retry_filter(layout.fs, layout.root, cfg.retry_errors, listing)
+        todo &= mask
+        skipped["retry_errors"] = {**counts, "run": cfg.retry_errors,
+                                   "reason": "only inputs that failed in that run"}
+    work = listing.filter(pa.array(todo))
+    work = work.set_column(0, "index", pa.array(np.arange(work.num_rows, dtype=np.int64)))
+    skipped["not_computed"] = int(listing.num_rows - work.num_rows)
+    return work, skipped, todo
+
+
 def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
-    """Run the extraction job end to end. Raises on bad input/weights/output before any work."""
+    """Run (or resume, or finish publishing) one run of the job. Raises on bad
+    input/weights/output before any work; a finished run is a no-op unless --overwrite."""
     started_at, t0 = now_iso(), time.perf_counter()
+    fs, root = storage.filesystem(cfg.output, cfg.storage_options)
+    layout = runs.RunLayout(fs, root, cfg.run_id)
+    finished = layout.finished_summary()
+    if finished is not None and not cfg.overwrite:
+        return _noop(cfg, finished)
     spec, state_dict = resolve_model(cfg.model, cfg.weights, preprocess_from=cfg.preprocess_from,
                                      storage_options=cfg.storage_options,
                                      weights_sha256=cfg.weights_sha256)
+    identity = runs.task_identity(spec, cfg.task, cfg.top_k)
+    task_fp = runs.fingerprint_of(identity)
+    if layout.publish_pending() and not cfg.overwrite:
+        log.info("run %s was complete but not fully published: publishing it now", cfg.run_id)
+        manifest = layout.publish()
+        summary = layout.published_summary() or {"status": manifest["status"]}
+        return JobResult(summary=summary, exit_code=0 if manifest["status"] == "succeeded" else 3,
+                         reason=summary.get("reason", "published"))
+    if (fs.exists(layout.final) and finished is None and layout.published_manifest() is None
+            and not cfg.overwrite):
+        raise OutputExistsError(f"{cfg.output}/run={cfg.run_id}/ exists but is no run this job "
+                                f"published; pass --overwrite or choose another --run-id")
     head = _load_head(cfg, spec)
     if cfg.explain_class is not None and cfg.explain_class >= spec.num_classes:
         raise ValueError(f"--explain-class {cfg.explain_class} is out of range: {spec.name} has "
@@ -219,23 +266,21 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     listing = list_inputs(cfg.input, InputSpec(
         format=cfg.input_format, image_column=cfg.image_column, id_column=cfg.id_column,
         uri_column=cfg.uri_column, keep_columns=cfg.keep_columns), cfg.storage_options)
-    _prepare_output(cfg)
-    _init_ray()
-    device = _resolve_device(cfg)
-    options = InferenceOptions(task=cfg.task, top_k=cfg.top_k, device=device,
-                               precision=cfg.precision, compile=cfg.compile,
-                               layers=cfg.layers, head=head, explain=cfg.explain,
-                               explain_method=cfg.explain_method,
-                               explain_class=cfg.explain_class, keep_pixels=cfg.explain_png)
-    file_metadata = {
-        "package_version": __version__,
-        "model": spec.name,
-        "weights": spec.weights_id,
-        "preprocessing": spec.preprocessing.to_dict(),
-        "task": cfg.task,
-        "precision": precision_name(options),
-        "device": device,
-    }
+    table = listing.table
+    if cfg.fingerprint == "hash":
+        if listing.format in ("tar", "parquet"):
+            raise ValueError("--fingerprint hash reads whole objects by URI: it works for images "
+                             "and manifests, not for tar members or Parquet rows (their stat "
+                             "fingerprint already covers the shard's size and ETag/mtime)")
+        table = runs.hash_fingerprints(table, cfg.storage_options)
+    state = layout.start_attempt(task_fp, fresh=cfg.overwrite)
+    work, skipped, todo = _select_work(cfg, layout, table, state, task_fp)
+    extra = listing.extra.filter(pa.array(todo)) if listing.extra is not None else None
+    log.info("run %s attempt %d: %d of %d listed inputs to compute (%s)", cfg.run_id,
+             state.attempt, work.num_rows, table.num_rows, skipped)
+    options, device, missing, bytes_read = None, "none", [], 0
+    stats = WriteStats()
+    rows_per_file = cfg.rows_per_file or auto_rows_per_file(spec, cfg.task, cfg.top_k)
     extras: dict[str, Any] = {}
     if cfg.layers:
         from resnet_features.layers import layer_dims
@@ -246,61 +291,100 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     if cfg.explain:
         extras["explain"] = {"method": cfg.explain_method, "class": cfg.explain_class,
                              "grid": spec.preprocessing.crop_size // 32, "layer": "layer4"}
-    file_metadata.update(extras)
-    rows_per_file = cfg.rows_per_file or auto_rows_per_file(spec, cfg.task, cfg.top_k)
-    writer = PartWriter(cfg.output, spec=spec, task=cfg.task, listing=listing.table,
-                        rows_per_file=rows_per_file, file_metadata=file_metadata,
-                        storage_options=cfg.storage_options, extra=listing.extra,
-                        layers=extras.get("layers"),
-                        head_classes=head.classes if head is not None else None,
-                        explain_grid=extras["explain"]["grid"] if cfg.explain else None,
-                        explain_png=cfg.explain_png)
-    state_ref = [ray.put(state_dict)] if state_dict is not None else []
-    ds = build_dataset(cfg, listing, spec, state_ref, options, runner_cls)
-    n, done, last_log = listing.table.num_rows, 0, time.perf_counter()
-    work_t0, bytes_read = time.perf_counter(), 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        bytes_read += int(batch["bytes_read"].sum()) if "bytes_read" in batch else 0
-        writer.add(batch)
-        done += len(batch["index"])
-        if time.perf_counter() - last_log > 10:
-            last_log = time.perf_counter()
-            log.info("%d/%d images done (%.1f images/s)", done, n,
-                     done / (last_log - work_t0))
-    missing = writer.missing_indices()
-    writer.close()
+    if work.num_rows:
+        _init_ray()
+        device = _resolve_device(cfg)
+        options = InferenceOptions(task=cfg.task, top_k=cfg.top_k, device=device,
+                                   precision=cfg.precision, compile=cfg.compile,
+                                   layers=cfg.layers, head=head, explain=cfg.explain,
+                                   explain_method=cfg.explain_method,
+                                   explain_class=cfg.explain_class, keep_pixels=cfg.explain_png)
+        file_metadata = {
+            "package_version": __version__,
+            "model": spec.name,
+            "weights": spec.weights_id,
+            "preprocessing": spec.preprocessing.to_dict(),
+            "task": cfg.task,
+            "precision": precision_name(options),
+            "device": device,
+            "run_id": cfg.run_id,
+            "task_fingerprint": task_fp,
+            **extras,
+        }
+        writer = PartWriter(layout.staging_uri(), spec=spec, task=cfg.task, listing=work,
+                            rows_per_file=rows_per_file, file_metadata=file_metadata,
+                            storage_options=cfg.storage_options, attempt=state.attempt,
+                            extra=extra, layers=extras.get("layers"),
+                            head_classes=head.classes if head is not None else None,
+                            explain_grid=extras["explain"]["grid"] if cfg.explain else None,
+                            explain_png=cfg.explain_png)
+        state_ref = [ray.put(state_dict)] if state_dict is not None else []
+        ds = build_dataset(cfg, replace(listing, table=work, extra=extra), spec,
+                           state_ref, options, runner_cls)
+        n, done, last_log = work.num_rows, 0, time.perf_counter()
+        work_t0 = time.perf_counter()
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        try:
+            for batch in batches:
+                bytes_read += int(batch["bytes_read"].sum()) if "bytes_read" in batch else 0
+                writer.add(batch)
+                done += len(batch["index"])
+                if time.perf_counter() - last_log > 10:
+                    last_log = time.perf_counter()
+                    log.info("%d/%d images done (%.1f images/s)", done, n,
+                             done / (last_log - work_t0))
+        finally:
+            # On an error (storage down while writing), stop the pipeline and free its actors
+            # now; committed parts stay staged and a rerun resumes from them.
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+        missing = [writer.uris[i] for i in writer.missing_indices()]
+        writer.close()
+        stats = writer.stats
+        skipped["duplicate_rows_dropped"] = writer.duplicates_dropped
+    committed = state.committed
+    reused_ok = int(pc.sum(pc.equal(committed["status"], "ok")).as_py() or 0)
+    succeeded = reused_ok + stats.succeeded
+    failed = committed.num_rows - reused_ok + stats.failed
+    total = succeeded + failed
     elapsed = time.perf_counter() - t0
-    stats = writer.stats
     summary = {
-        "inputs": n,
-        "succeeded": stats.succeeded,
-        "failed": stats.failed,
+        "run_id": cfg.run_id,
+        "attempt": state.attempt,
+        "inputs": total,
+        "listed": table.num_rows,
+        "computed": work.num_rows,
+        "reused": committed.num_rows,
+        "skipped": skipped,
+        "succeeded": succeeded,
+        "failed": failed,
         "failed_by_stage": stats.failed_by_stage,
         "lost": len(missing),
         "model": spec.name,
         "weights": spec.weights_id,
         "weights_arg": cfg.weights,
         "task": cfg.task,
+        "task_fingerprint": task_fp,
         "top_k": cfg.top_k,
         "embedding_dim": spec.embedding_dim,
         "preprocessing": spec.preprocessing.to_dict(),
         "device": device,
-        "precision": precision_name(options),
+        "precision": precision_name(options) if options else "none",
         "input": cfg.input,
         "output": cfg.output,
         "started_at": started_at,
         "finished_at": now_iso(),
         "elapsed_seconds": round(elapsed, 3),
-        "images_per_second": round(n / elapsed, 3) if elapsed > 0 else None,
+        "images_per_second": round(work.num_rows / elapsed, 3) if elapsed > 0 else None,
         "listing_seconds": round(listing.seconds, 3),
-        "bytes_listed": int(pa.compute.sum(listing.table.column("size_bytes")).as_py() or 0),
+        "bytes_listed": int(pa.compute.sum(table.column("size_bytes")).as_py() or 0),
         "skipped_non_image": listing.skipped_non_image,
         "input_format": listing.format,
         "input_objects": listing.sources,
         "bytes_read": bytes_read,
         "rows_per_file": rows_per_file,
-        "files": stats.data_files,
-        "error_files": stats.error_files,
+        "files_this_attempt": stats.data_files,
         "versions": {"resnet_features": __version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "ray": ray.__version__,
                      "python": sys.version.split()[0]},
@@ -311,12 +395,19 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     if missing:
         exit_code = 4
         reason = (f"{len(missing)} inputs never came back from the pipeline (first: "
-                  f"{writer.uris[missing[0]]}); this is a bug, please report it")
-    elif n and stats.failed / n > cfg.max_error_rate:
+                  f"{missing[0]}); this is a bug, please report it. The run stays staged; "
+                  f"rerunning the same command recomputes only the missing inputs")
+    elif total and failed / total > cfg.max_error_rate:
         exit_code = 3
-        reason = (f"{stats.failed} of {n} images failed ({stats.failed / n:.1%}), over "
-                  f"--max-error-rate {cfg.max_error_rate:g}; see {cfg.output}/_errors/")
+        reason = (f"{failed} of {total} images failed ({failed / total:.1%}), over "
+                  f"--max-error-rate {cfg.max_error_rate:g}; see "
+                  f"{cfg.output}/run={cfg.run_id}/_errors/ (published without _SUCCESS; "
+                  f"--retry-errors {cfg.run_id} retries them)")
     summary["status"] = "succeeded" if exit_code == 0 else "failed"
     summary["reason"] = reason
-    writer.write_summary(summary, success=exit_code == 0)
+    if exit_code == 4:
+        storage.write_json(fs, storage.join(layout.staging, runs.SUMMARY_FILE), summary)
+    else:
+        layout.stage_manifest(summary, identity, success=exit_code == 0)
+        layout.publish()
     return JobResult(summary=summary, exit_code=exit_code, reason=reason)

@@ -65,6 +65,7 @@ LISTING_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("offset", pa.int64()),
         ("length", pa.int64()),
+        ("fingerprint", pa.string()),  # size + ETag/mtime: what --incremental compares
     ]
 )
 
@@ -73,6 +74,18 @@ LIST_THREADS = 16
 
 #: Tar members closer than this are fetched with one range request.
 COALESCE_GAP = 1 << 20
+
+
+def stat_fingerprint(info: dict[str, Any]) -> str:
+    """Content fingerprint from listing metadata: size + ETag (object stores) or mtime (files)."""
+    size = int(info.get("size") or 0)
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    if etag:
+        return f"{size}:etag:{str(etag).strip(chr(34))}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"{size}:mtime:{mtime}"
 
 
 class InputError(RuntimeError):
@@ -147,7 +160,7 @@ def _expand(uri: str, storage_options: dict[str, Any] | None):
         raise
     except (OSError, ValueError, PermissionError) as exc:
         raise InputError(f"cannot list input {uri}: {type(exc).__name__}: {exc}") from exc
-    files = [(p, int(found[p].get("size") or 0)) for p in sorted(found)
+    files = [(p, int(found[p].get("size") or 0), stat_fingerprint(found[p])) for p in sorted(found)
              if found[p].get("type", "file") == "file"]
     return fs, files, single
 
@@ -171,7 +184,7 @@ def list_inputs(uri: str, spec: InputSpec | None = None,
     spec = spec or InputSpec()
     start = time.perf_counter()
     fs, files, single = _expand(uri, storage_options)
-    fmt = spec.format if spec.format != "auto" else detect_format([p for p, _ in files], single)
+    fmt = spec.format if spec.format != "auto" else detect_format([p for p, *_ in files], single)
     if fmt != "parquet" and spec.id_column:
         raise InputError("--id-column applies to --input-format parquet (manifests carry "
                          "extra columns with --keep-columns)")
@@ -227,7 +240,7 @@ def list_images(uri: str, storage_options: dict[str, Any] | None = None) -> List
     return list_inputs(uri, InputSpec(format="images"), storage_options)
 
 
-def _table(uris, sizes, sources, offsets, lengths) -> pa.Table:
+def _table(uris, sizes, sources, offsets, lengths, fingerprints) -> pa.Table:
     return pa.table(
         {
             "index": np.arange(len(uris), dtype=np.int64),
@@ -236,21 +249,23 @@ def _table(uris, sizes, sources, offsets, lengths) -> pa.Table:
             "source": sources,
             "offset": np.asarray(offsets, dtype=np.int64),
             "length": np.asarray(lengths, dtype=np.int64),
+            "fingerprint": fingerprints,
         },
         schema=LISTING_SCHEMA,
     )
 
 
 def _list_image_files(fs, files):
-    uris, sizes, skipped = [], [], 0
-    for path, size in files:
+    uris, sizes, fingerprints, skipped = [], [], [], 0
+    for path, size, fingerprint in files:
         if _extension(path) not in IMAGE_EXTENSIONS:
             skipped += 1
             continue
         uris.append(storage.full_uri(fs, path))
         sizes.append(size)
+        fingerprints.append(fingerprint)
     n = len(uris)
-    return _table(uris, sizes, uris, [-1] * n, [-1] * n), None, skipped, {}
+    return _table(uris, sizes, uris, [-1] * n, [-1] * n, fingerprints), None, skipped, {}
 
 
 def _tar_members(fs, path: str) -> list[tuple[str, int, int]]:
@@ -263,7 +278,7 @@ def _tar_members(fs, path: str) -> list[tuple[str, int, int]]:
 
 
 def _list_tar(fs, files):
-    shards = [p for p, _ in files if _is_tar(p)]
+    shards = [p for p, *_ in files if _is_tar(p)]
     skipped = len(files) - len(shards)
 
     def members(path):
@@ -275,7 +290,8 @@ def _list_tar(fs, files):
 
     with ThreadPoolExecutor(LIST_THREADS) as pool:
         per_shard = list(pool.map(members, shards))
-    uris, sizes, sources, offsets, lengths = [], [], [], [], []
+    shard_fp = {p: fp for p, _, fp in files}
+    uris, sizes, sources, offsets, lengths, fingerprints = [], [], [], [], [], []
     for path, found in zip(shards, per_shard):
         shard_uri = storage.full_uri(fs, path)
         for name, offset, size in found:
@@ -287,7 +303,9 @@ def _list_tar(fs, files):
             sources.append(shard_uri)
             offsets.append(offset)
             lengths.append(size)
-    return _table(uris, sizes, sources, offsets, lengths), None, skipped, {"shards": len(shards)}
+            fingerprints.append(f"{shard_fp[path]}#{offset}")  # changes with the shard
+    return (_table(uris, sizes, sources, offsets, lengths, fingerprints), None, skipped,
+            {"shards": len(shards)})
 
 
 def _image_field(schema: pa.Schema, column: str) -> None:
@@ -311,7 +329,7 @@ def _check_columns(names: list[str], wanted: list[str], what: str) -> None:
 
 
 def _list_parquet(fs, files, spec: InputSpec):
-    paths = [p for p, _ in files if p.lower().endswith(PARQUET_SUFFIXES)]
+    paths = [p for p, *_ in files if p.lower().endswith(PARQUET_SUFFIXES)]
     skipped_files = len(files) - len(paths)
     carry = ([spec.id_column] if spec.id_column else []) + [
         c for c in spec.keep_columns if c != spec.id_column]
@@ -330,10 +348,12 @@ def _list_parquet(fs, files, spec: InputSpec):
 
     with ThreadPoolExecutor(LIST_THREADS) as pool:
         per_file = list(pool.map(read, paths))
-    uris, sources, offsets, groups, extras = [], [], [], [], []
+    file_fp = {p: fp for p, _, fp in files}
+    uris, sources, offsets, groups, extras, fingerprints = [], [], [], [], [], []
     for path, (rows, extra, row_groups) in zip(paths, per_file):
         file_uri = storage.full_uri(fs, path)
         uris += [f"{file_uri}#{i}" for i in range(rows)]
+        fingerprints += [f"{file_fp[path]}#{i}" for i in range(rows)]  # changes with the file
         sources += [file_uri] * rows
         offsets += range(rows)
         groups.append(row_groups)
@@ -341,7 +361,7 @@ def _list_parquet(fs, files, spec: InputSpec):
             extras.append(extra)
     n = len(uris)
     table = _table(uris, [0] * n, sources, offsets,
-                   np.concatenate(groups) if groups else np.zeros(0, np.int64))
+                   np.concatenate(groups) if groups else np.zeros(0, np.int64), fingerprints)
     extra = pa.concat_tables(extras, promote_options="permissive") if extras else None
     return table, extra, 0, {"files": len(paths), "skipped_files": skipped_files}
 
@@ -379,7 +399,10 @@ def _list_manifest(fs, files, spec: InputSpec, storage_options):
         extra = None
     uris = [_resolve(e, base) for e in entries]
     n = len(uris)
-    return _table(uris, [0] * n, uris, [-1] * n, [-1] * n), extra, 0, {"manifest": path}
+    # Manifest entries are not stat'ed at listing time: their fingerprint is the URI alone
+    # (--incremental skips a listed URI once computed; --fingerprint hash sees content changes).
+    return (_table(uris, [0] * n, uris, [-1] * n, [-1] * n, [""] * n), extra, 0,
+            {"manifest": path})
 
 
 def _resolve(entry: str, base: str) -> str:

@@ -1,10 +1,12 @@
-"""Writing: result batches to Parquet parts with an explicit Arrow schema, errors, and `_SUCCESS`.
+"""Writing: result batches to Parquet parts with an explicit Arrow schema, errors, and ledger.
 
 Rows are assigned to parts by their listing index (`index // rows_per_file`), so the same
 listing always yields the same file names and contents: a retried write replaces a file instead
 of adding a duplicate. A part is written once all of its inputs have come back (as result or
-error rows), sorted by index, to `_staging/` first and then moved into place, so a reader never
-sees half a file. `_SUCCESS` (the run summary) is written last.
+error rows), sorted by index. Everything goes into the run's staging folder (see `runs.py`):
+each file is written under `_tmp/` and renamed into place, and a part is *committed* by its
+ledger fragment (`_ledger/<part>`: uri, fingerprint, status), written last. A resumed run reuses
+exactly the committed parts. Rows that come back twice (a retried task) are dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import pyarrow.parquet as pq
 from resnet_features import storage
 from resnet_features.models import ModelSpec
 
-__all__ = ["ERROR_SCHEMA", "PartWriter", "WriteStats", "output_schema", "part_name"]
+__all__ = ["ERROR_SCHEMA", "LEDGER_SCHEMA", "PartWriter", "WriteStats", "output_schema",
+           "part_name"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,17 @@ STAGING_DIR = "_staging"
 SUCCESS_FILE = "_SUCCESS"
 SUMMARY_FILE = "_summary.json"
 EXPLAIN_PNG_DIR = "_explain_png"  # "_": dataset readers skip it
+LEDGER_DIR = "_ledger"
+TMP_DIR = "_tmp"
+
+LEDGER_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("fingerprint", pa.string()),
+        ("status", pa.string()),  # "ok" (a data row) or "error" (an error row)
+        ("file", pa.string()),  # the data or error file holding the row, relative to the run
+    ]
+)
 
 ERROR_SCHEMA = pa.schema(
     [
@@ -89,8 +103,9 @@ def auto_rows_per_file(spec: ModelSpec, task: str, top_k: int) -> int:
     return max(1000, TARGET_FILE_BYTES // per_row)
 
 
-def part_name(part: int) -> str:
-    return f"part-{part:05d}.parquet"
+def part_name(part: int, attempt: int = 0) -> str:
+    """`part-00000.parquet`; parts of a resumed attempt k>0 are `part-00000-rk.parquet`."""
+    return f"part-{part:05d}.parquet" if attempt == 0 else f"part-{part:05d}-r{attempt}.parquet"
 
 
 def _fixed_size_list(values: np.ndarray) -> pa.Array:
@@ -114,7 +129,11 @@ class WriteStats:
 
 
 class PartWriter:
-    """Collects result batches (any order) and writes each part as soon as it is complete."""
+    """Collects result batches (any order) and writes each part as soon as it is complete.
+
+    `output_uri` is the run's staging folder; `attempt` numbers the resumed attempts of a run so
+    that their parts never collide with the parts a dead attempt committed.
+    """
 
     def __init__(
         self,
@@ -131,8 +150,10 @@ class PartWriter:
         head_classes: tuple[str, ...] | None = None,
         explain_grid: int | None = None,
         explain_png: bool = False,
+        attempt: int = 0,
     ):
         self.fs, self.root = storage.filesystem(output_uri, storage_options)
+        self.attempt = attempt
         self.output_uri = output_uri
         self.spec = spec
         self.task = task
@@ -155,10 +176,14 @@ class PartWriter:
         self.n_parts = max(1, -(-self.n_inputs // rows_per_file))
         self.size_bytes = listing.column("size_bytes").to_numpy()
         self.uris = listing.column("uri").to_pylist()
+        self.fingerprints = np.asarray(listing.column("fingerprint").to_pylist(), dtype=object)
+        self.seen = np.zeros(self.n_inputs, dtype=bool)
+        self.duplicates_dropped = 0
         self.pending: dict[int, list[dict[str, np.ndarray]]] = {}
         self.remaining = {p: self._part_len(p) for p in range(self.n_parts)}
         self.stats = WriteStats()
-        self.fs.makedirs(storage.join(self.root, STAGING_DIR), exist_ok=True)
+        for sub in (TMP_DIR, ERRORS_DIR, LEDGER_DIR):
+            self.fs.makedirs(storage.join(self.root, sub), exist_ok=True)
 
     def _part_len(self, part: int) -> int:
         return min(self.rows_per_file, self.n_inputs - part * self.rows_per_file)
@@ -169,6 +194,17 @@ class PartWriter:
             if "explain_png" in self.schema.names:
                 self._write_overlays(batch)
             batch = {k: v for k, v in batch.items() if k != "image"}
+        index = batch["index"].astype(np.int64)
+        keep = ~self.seen[index]
+        first = np.zeros(len(index), dtype=bool)
+        first[np.unique(index, return_index=True)[1]] = True
+        keep &= first
+        if not keep.all():
+            # At-least-once upstream (a retried task or restarted actor): keep the first copy.
+            self.duplicates_dropped += int((~keep).sum())
+            log.warning("dropped %d duplicate result rows (retried work)", int((~keep).sum()))
+            batch = {k: v[keep] for k, v in batch.items()}
+        self.seen[batch["index"].astype(np.int64)] = True
         parts = batch["index"] // self.rows_per_file
         for part in np.unique(parts):
             sel = np.flatnonzero(parts == part)
@@ -186,13 +222,26 @@ class PartWriter:
         merged = {k: v[order] for k, v in merged.items()}
         failed = np.array([bool(s) for s in merged["error_stage"]], dtype=bool)
         ok = ~failed
+        name = part_name(part, self.attempt)
+        files = np.full(len(failed), name, dtype=object)
         if ok.any():
-            self._write(self._rows_table({k: v[ok] for k, v in merged.items()}), part_name(part))
+            self._write(self._rows_table({k: v[ok] for k, v in merged.items()}), name)
         if failed.any():
+            files[failed] = storage.join(ERRORS_DIR, name)
             self._write(self._errors_table({k: v[failed] for k, v in merged.items()}),
-                        storage.join(ERRORS_DIR, part_name(part)))
+                        storage.join(ERRORS_DIR, name))
             for stage in merged["error_stage"][failed]:
                 self.stats.failed_by_stage[stage] = self.stats.failed_by_stage.get(stage, 0) + 1
+        ledger = pa.Table.from_pydict(
+            {
+                "uri": merged["uri"].astype(str).tolist(),
+                "fingerprint": self.fingerprints[merged["index"].astype(np.int64)].tolist(),
+                "status": np.where(failed, "error", "ok").tolist(),
+                "file": files.tolist(),
+            },
+            schema=LEDGER_SCHEMA,
+        )
+        self._write(ledger, storage.join(LEDGER_DIR, name))  # last: commits the part
         self.stats.succeeded += int(ok.sum())
         self.stats.failed += int(failed.sum())
 
@@ -231,7 +280,8 @@ class PartWriter:
         return pa.Table.from_pydict(cols, schema=self.schema)
 
     def _overlay_path(self, index: int) -> str:
-        part = part_name(index // self.rows_per_file).removesuffix(".parquet")
+        # Attempt-aware like the parts: a resumed attempt re-indexes its inputs from 0.
+        part = part_name(index // self.rows_per_file, self.attempt).removesuffix(".parquet")
         return storage.join(EXPLAIN_PNG_DIR, part, f"{index:08d}.png")
 
     def _write_overlays(self, batch: dict[str, np.ndarray]) -> None:
@@ -258,12 +308,13 @@ class PartWriter:
         )
 
     def _write(self, table: pa.Table, relpath: str) -> None:
-        staged = storage.join(self.root, STAGING_DIR, relpath.replace("/", "__"))
+        tmp = storage.join(self.root, TMP_DIR, relpath.replace("/", "__"))
         final = storage.join(self.root, relpath)
-        with self.fs.open(staged, "wb") as f:
+        with self.fs.open(tmp, "wb") as f:
             pq.write_table(table, f, compression="zstd")
-        self.fs.makedirs(storage.join(final.rsplit("/", 1)[0]), exist_ok=True)
-        self.fs.mv(staged, final)
+        self.fs.mv(tmp, final)
+        if relpath.startswith(LEDGER_DIR):
+            return
         files = self.stats.error_files if relpath.startswith(ERRORS_DIR) else self.stats.data_files
         files.append(relpath)
 
@@ -284,15 +335,9 @@ class PartWriter:
         """Write incomplete parts (their rows exist; the missing ones are reported) and tidy up."""
         for part in sorted(self.pending):
             self._write_part(part)
-        staging = storage.join(self.root, STAGING_DIR)
-        if self.fs.exists(staging):
-            self.fs.rm(staging, recursive=True)
-
-    def write_summary(self, summary: dict[str, Any], *, success: bool) -> None:
-        """`_summary.json` always; `_SUCCESS` (same content) last, and only for a good run."""
-        storage.write_json(self.fs, storage.join(self.root, SUMMARY_FILE), summary)
-        if success:
-            storage.write_json(self.fs, storage.join(self.root, SUCCESS_FILE), summary)
+        tmp = storage.join(self.root, TMP_DIR)
+        if self.fs.exists(tmp):
+            self.fs.rm(tmp, recursive=True)
 
 
 def now_iso() -> str:

@@ -18,7 +18,10 @@ from resnet_features.samples import write_samples  # noqa: E402
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance for the whole session (Ray's testing guide)."""
+    """One local Ray instance for the whole session (Ray's testing guide).
+
+    address="local": never join a cluster someone else started on this machine (a bare
+    ray.init() connects to the latest one it finds in /tmp/ray)."""
     import ray
 
     if not ray.is_initialized():

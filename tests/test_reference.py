@@ -31,7 +31,7 @@ def test_job_matches_eager_torchvision(model, photos, calibrated, ray_local, tmp
     weights = calibrated(model)
     out = str(tmp_path / "out")
     result = run(make_cfg("--input", photos, "--output", out, "--model", model,
-                          "--weights", weights, "--rows-per-file", "20"))
+                          "--weights", weights, "--rows-per-file", "20", "--run-id", "r"))
     assert result.exit_code == 0, result.reason
     table = read_rows(out)
     paths = sorted(glob.glob(os.path.join(photos, "*")))
@@ -51,7 +51,7 @@ def test_job_matches_eager_torchvision(model, photos, calibrated, ray_local, tmp
     # Probabilities, not just ranks: a softmax or ordering bug moves them far more than this.
     np.testing.assert_allclose(scores[:, 0], ref_probs[:, 0], atol=0.03)
 
-    summary = json.loads(open(os.path.join(out, "_SUCCESS")).read())
+    summary = json.loads(open(os.path.join(out, "run=r", "_SUCCESS")).read())
     assert summary["inputs"] == len(paths) == summary["succeeded"] + summary["failed"]
     assert summary["failed"] == 0
     assert summary["weights"].startswith("sha256:")
@@ -81,9 +81,9 @@ def test_output_types_and_readers(few_photos, resnet18_weights, ray_local, tmp_p
 
     n, dim, label = duckdb.sql(
         f"select count(*), max(len(embedding)), max(topk_labels[1]) "
-        f"from read_parquet('{out}/*.parquet')").fetchall()[0]
+        f"from read_parquet('{out}/run=*/*.parquet', hive_partitioning=true)").fetchall()[0]
     assert n == 6 and dim == 512 and isinstance(label, str)
-    df = pl.read_parquet(f"{out}/*.parquet")
+    df = pl.read_parquet(f"{out}/run=*/*.parquet")
     assert df.height == 6 and df.schema["embedding"] == pl.Array(pl.Float32, 512)
 
 
@@ -92,8 +92,10 @@ def test_second_run_gives_same_rows(few_photos, resnet18_weights, ray_local, tmp
     for name in ("a", "b"):
         out = str(tmp_path / name)
         assert run(make_cfg("--input", few_photos, "--output", out, "--model", "resnet18",
-                            "--weights", resnet18_weights)).exit_code == 0
+                            "--weights", resnet18_weights, "--run-id", "r")).exit_code == 0
         tables.append(read_rows(out))
-        files = sorted(os.listdir(out))
-        assert files == ["_SUCCESS", "_summary.json", "part-00000.parquet"]
+        assert sorted(os.listdir(out)) == ["run=r"]
+        files = sorted(os.listdir(os.path.join(out, "run=r")))
+        assert files == ["_SUCCESS", "_errors", "_ledger", "_manifest.json",
+                         "_summary.json", "part-00000.parquet"]
     assert tables[0].equals(tables[1])

@@ -22,7 +22,8 @@ def spec():
 def listing(n):
     return pa.table({"index": np.arange(n, dtype=np.int64),
                      "uri": [f"/x/{i:03d}.jpg" for i in range(n)],
-                     "size_bytes": np.arange(n, dtype=np.int64) * 10})
+                     "size_bytes": np.arange(n, dtype=np.int64) * 10,
+                     "fingerprint": [f"{i * 10}:mtime:0" for i in range(n)]})
 
 
 def result_batch(indices, fail=()):

@@ -1,0 +1,401 @@
+"""Runs: the commit protocol over OUTPUT/run=<id>/ (staging, resume, publish), ledger, reader.
+
+Layout under OUTPUT (readers skip `_`-prefixed names, so only published rows are visible):
+
+    run=<id>/part-*.parquet        published rows (hive-style: datasets see a `run` column)
+    run=<id>/_errors/part-*        error rows
+    run=<id>/_ledger/ledger.parquet   uri, fingerprint, status, file: sorted by uri; later
+                                   --incremental runs read two columns, never the embeddings
+    run=<id>/_manifest.json        task fingerprint, file list, counts
+    run=<id>/_summary.json, _SUCCESS   the summary; `_SUCCESS` is written last
+    _staging/run=<id>/             the run while it is computed: parts + `_ledger/<part>`
+                                   fragments (a part counts only once its fragment exists)
+
+A rerun of an unfinished run resumes: committed parts are kept and their inputs skipped before
+anything enters Ray. Publishing writes the manifest into staging first, then moves files in
+(data, errors, ledger, summary, manifest, `_SUCCESS` last); a publish cut short is finished by
+the next rerun. Ray's own retries give at-least-once delivery; the writer drops repeats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from resnet_features import storage
+from resnet_features.writer import ERRORS_DIR, EXPLAIN_PNG_DIR, LEDGER_DIR, LEDGER_SCHEMA, TMP_DIR
+
+__all__ = ["RunLayout", "RunState", "load_features", "task_identity", "incremental_filter",
+           "read_ledgers", "retry_filter", "hash_fingerprints", "finished_runs"]
+
+log = logging.getLogger(__name__)
+
+STAGING_ROOT = "_staging"
+TRASH_ROOT = "_trash"
+ATTEMPTS_DIR = "_attempts"
+MANIFEST_FILE = "_manifest.json"
+SUMMARY_FILE = "_summary.json"
+SUCCESS_FILE = "_SUCCESS"
+LEDGER_FILE = "_ledger/ledger.parquet"  # a sub-folder: `run=*/*.parquet` globs stay data-only
+LEDGER_ROW_GROUP = 65_536
+
+
+def task_identity(spec, task: str, top_k: int) -> dict[str, Any]:
+    """What makes two runs' rows interchangeable: model, weights, preprocessing and task."""
+    return {"model": spec.name, "weights": spec.weights_id,
+            "preprocessing": spec.preprocessing.to_dict(), "task": task, "top_k": top_k}
+
+
+def fingerprint_of(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _ls(fs, path: str) -> list[str]:
+    """Entries under a folder; none when it does not exist (object stores have no empty
+    folders: a prefix exists only while objects do)."""
+    try:
+        return [p.rstrip("/") for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def _read_json(fs, path: str) -> dict[str, Any] | None:
+    try:
+        with fs.open(path, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _write_file(fs, path: str, data: bytes, tmp_dir: str) -> None:
+    """Write whole-or-nothing: under a temporary name, then renamed into place."""
+    tmp = storage.join(tmp_dir, uuid.uuid4().hex)
+    fs.makedirs(tmp_dir, exist_ok=True)
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+@dataclass
+class RunState:
+    """What a new attempt starts from: its number and the inputs earlier attempts committed."""
+
+    attempt: int
+    committed: pa.Table  # LEDGER_SCHEMA rows of the committed parts
+    discarded_files: int = 0
+
+
+@dataclass
+class RunLayout:
+    """Paths of one run under an output root, on one fsspec filesystem."""
+
+    fs: Any
+    root: str
+    run_id: str
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> str:
+        return storage.join(self.root, f"run={self.run_id}")
+
+    @property
+    def staging(self) -> str:
+        return storage.join(self.root, STAGING_ROOT, f"run={self.run_id}")
+
+    def staging_uri(self) -> str:
+        return storage.full_uri(self.fs, self.staging)
+
+    def finished_summary(self) -> dict[str, Any] | None:
+        """The `_SUCCESS` summary of this run if it finished, else None."""
+        self.fs.invalidate_cache()
+        return _read_json(self.fs, storage.join(self.final, SUCCESS_FILE))
+
+    def published_summary(self) -> dict[str, Any] | None:
+        """`_summary.json` of a published run, also one that failed its error-rate check."""
+        return _read_json(self.fs, storage.join(self.final, SUMMARY_FILE))
+
+    def published_manifest(self) -> dict[str, Any] | None:
+        return _read_json(self.fs, storage.join(self.final, MANIFEST_FILE))
+
+    def publish_pending(self) -> bool:
+        """A publish was cut short: the staged manifest exists (the staged run is complete)."""
+        return self.fs.exists(storage.join(self.staging, MANIFEST_FILE))
+
+    # -- attempts -------------------------------------------------------------------------
+
+    def start_attempt(self, task_fp: str, *, fresh: bool) -> RunState:
+        """Begin an attempt: discard staging if asked (or if it was for another task), drop
+        files no ledger fragment commits, and return the committed inputs."""
+        fs, staging = self.fs, self.staging
+        fs.invalidate_cache()  # object-store listing caches may predate a dead attempt
+        if fs.exists(staging):
+            first = _read_json(fs, storage.join(staging, ATTEMPTS_DIR, "0.json"))
+            if fresh or first is None or first.get("task_fingerprint") != task_fp:
+                why = "--overwrite" if fresh else "it was computed for another model/task"
+                log.warning("discarding the staged attempt of run %s (%s)", self.run_id, why)
+                fs.rm(staging, recursive=True)
+        fs.makedirs(storage.join(staging, ATTEMPTS_DIR), exist_ok=True)
+        attempts = [p for p in _ls(fs, storage.join(staging, ATTEMPTS_DIR))
+                    if p.endswith(".json")]
+        attempt = len(attempts)
+        committed = self._committed_ledger()
+        discarded = self._drop_uncommitted(committed)
+        _write_file(fs, storage.join(staging, ATTEMPTS_DIR, f"{attempt}.json"),
+                    _json_bytes({"attempt": attempt, "task_fingerprint": task_fp,
+                                 "started_at": _now()}), storage.join(staging, TMP_DIR))
+        if attempt:
+            log.info("resuming run %s (attempt %d): %d inputs in committed parts are reused, "
+                     "%d uncommitted files discarded", self.run_id, attempt,
+                     committed.num_rows, discarded)
+        return RunState(attempt=attempt, committed=committed, discarded_files=discarded)
+
+    def _committed_ledger(self) -> pa.Table:
+        folder = storage.join(self.staging, LEDGER_DIR)
+        if not self.fs.exists(folder):
+            return LEDGER_SCHEMA.empty_table()
+        paths = sorted(p for p in _ls(self.fs, folder)
+                       if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"))
+        tables = [_read_parquet(self.fs, p, LEDGER_SCHEMA.names) for p in paths]
+        return pa.concat_tables([t.cast(LEDGER_SCHEMA) for t in tables]) if tables \
+            else LEDGER_SCHEMA.empty_table()
+
+    def _drop_uncommitted(self, committed: pa.Table) -> int:
+        """Files a dead attempt wrote without committing them (no ledger fragment)."""
+        fs, staging = self.fs, self.staging
+        keep = set(pc.unique(committed.column("file")).to_pylist())
+        dropped = 0
+        tmp = storage.join(staging, TMP_DIR)
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+        for sub in ("", ERRORS_DIR):
+            folder = storage.join(staging, sub) if sub else staging
+            if not fs.exists(folder):
+                continue
+            for p in _ls(fs, folder):
+                name = p.rsplit("/", 1)[-1]
+                rel = storage.join(sub, name) if sub else name
+                if name.startswith("part-") and rel not in keep:
+                    fs.rm(p)
+                    dropped += 1
+        return dropped
+
+    # -- publish --------------------------------------------------------------------------
+
+    def stage_manifest(self, summary: dict[str, Any], identity: dict[str, Any],
+                       *, success: bool) -> dict[str, Any]:
+        """Merge the ledger fragments and write summary + manifest into staging: from here on
+        the run is complete and `publish` (now or in a rerun) only moves files."""
+        fs, staging = self.fs, self.staging
+        tmp = storage.join(staging, TMP_DIR)
+        ledger = self._committed_ledger().sort_by("uri")
+        sink = pa.BufferOutputStream()
+        pq.write_table(ledger, sink, compression="zstd", row_group_size=LEDGER_ROW_GROUP)
+        _write_file(fs, storage.join(staging, LEDGER_FILE), sink.getvalue().to_pybytes(), tmp)
+        files = sorted(set(ledger.filter(pc.equal(ledger["status"], "ok"))["file"].to_pylist()))
+        errors = sorted(set(ledger.filter(pc.equal(ledger["status"], "error"))["file"]
+                            .to_pylist()))
+        manifest = {
+            "run_id": self.run_id,
+            "publish_id": uuid.uuid4().hex,
+            "status": "succeeded" if success else "failed",
+            "task_fingerprint": fingerprint_of(identity),
+            "task": identity,
+            "files": files,
+            "error_files": errors,
+            "ledger": LEDGER_FILE,
+            "rows": int(pc.sum(pc.equal(ledger["status"], "ok")).as_py() or 0),
+            "errors": int(pc.sum(pc.equal(ledger["status"], "error")).as_py() or 0),
+            "committed_at": _now(),
+        }
+        summary.update(files=files, error_files=errors)  # the caller's summary sees them too
+        _write_file(fs, storage.join(staging, SUMMARY_FILE), _json_bytes(summary), tmp)
+        if success:
+            _write_file(fs, storage.join(staging, SUCCESS_FILE), _json_bytes(summary), tmp)
+        _write_file(fs, storage.join(staging, MANIFEST_FILE), _json_bytes(manifest), tmp)
+        return manifest
+
+    def publish(self) -> dict[str, Any]:
+        """Move the staged run to run=<id>/, replacing an older run only now; `_SUCCESS` last."""
+        fs, staging, final = self.fs, self.staging, self.final
+        fs.invalidate_cache()
+        manifest = _read_json(fs, storage.join(staging, MANIFEST_FILE))
+        if manifest is None:
+            raise RuntimeError(f"run {self.run_id} has no staged manifest to publish")
+        old = self.published_manifest()
+        if old is not None and old.get("publish_id") != manifest["publish_id"]:
+            trash = storage.join(self.root, TRASH_ROOT, f"run={self.run_id}-{uuid.uuid4().hex}")
+            log.warning("--overwrite: replacing the finished run %s", self.run_id)
+            fs.makedirs(storage.join(self.root, TRASH_ROOT), exist_ok=True)
+            fs.mv(final, trash, recursive=True)
+        order = (manifest["files"] + manifest["error_files"]
+                 + [LEDGER_FILE, SUMMARY_FILE, MANIFEST_FILE, SUCCESS_FILE])
+        for sub in (ERRORS_DIR, LEDGER_DIR):
+            fs.makedirs(storage.join(final, sub), exist_ok=True)
+        pngs = storage.join(staging, EXPLAIN_PNG_DIR)  # --explain-png overlays, before _SUCCESS
+        if fs.exists(pngs):
+            fs.mv(pngs, storage.join(final, EXPLAIN_PNG_DIR), recursive=True)
+        for rel in order:
+            src = storage.join(staging, rel)
+            if fs.exists(src):  # absent: moved by an earlier, interrupted publish
+                fs.mv(src, storage.join(final, rel))
+        fs.rm(staging, recursive=True)
+        # The replaced run, also one an interrupted publish of this run left in the trash.
+        for p in _ls(fs, storage.join(self.root, TRASH_ROOT)):
+            if p.rsplit("/", 1)[-1].startswith(f"run={self.run_id}-"):
+                fs.rm(p, recursive=True)
+        for folder in (STAGING_ROOT, TRASH_ROOT):  # tidy: no empty `_` folders left behind
+            path = storage.join(self.root, folder)
+            if fs.exists(path) and not _ls(fs, path):
+                fs.rm(path, recursive=True)
+        log.info("published run %s: %d rows in %d files, %d error rows", self.run_id,
+                 manifest["rows"], len(manifest["files"]), manifest["errors"])
+        return manifest
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _read_parquet(fs, path: str, columns: list[str] | None = None, filters=None) -> pa.Table:
+    return pq.read_table(path, filesystem=fs, columns=columns, filters=filters)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    path: str
+    manifest: dict[str, Any]
+
+
+def finished_runs(fs, root: str, *, include_failed: bool = False) -> list[RunInfo]:
+    """Published runs under root, oldest commit first (only those with `_SUCCESS` by default)."""
+    if not fs.exists(root):
+        return []
+    runs = []
+    for p in _ls(fs, root):
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith("run="):
+            continue
+        if not include_failed and not fs.exists(storage.join(p, SUCCESS_FILE)):
+            continue
+        manifest = _read_json(fs, storage.join(p, MANIFEST_FILE))
+        if manifest is not None:
+            runs.append(RunInfo(run_id=name[4:], path=p, manifest=manifest))
+    return sorted(runs, key=lambda r: (r.manifest.get("committed_at", ""), r.run_id))
+
+
+# -- the ledger: what --incremental and --retry-errors decide from ----------------------------
+
+
+def read_ledgers(fs, root: str, task_fp: str, *, exclude_run: str | None = None) -> pa.Table:
+    """`uri, fingerprint` of every input an earlier finished run with this task computed.
+
+    Reads only two columns of each run's compact, uri-sorted `_ledger.parquet` and pushes the
+    status filter down; never the embeddings."""
+    tables = []
+    for run in finished_runs(fs, root):
+        if run.run_id == exclude_run or run.manifest.get("task_fingerprint") != task_fp:
+            continue
+        tables.append(_read_parquet(fs, storage.join(run.path, LEDGER_FILE),
+                                    ["uri", "fingerprint"], [("status", "=", "ok")]))
+    if not tables:
+        return pa.table({"uri": pa.array([], pa.string()),
+                         "fingerprint": pa.array([], pa.string())})
+    return pa.concat_tables(tables)
+
+
+def incremental_filter(listing: pa.Table, ledger: pa.Table) -> tuple[np.ndarray, dict[str, int]]:
+    """Mask of listing rows to compute: those whose (uri, fingerprint) no earlier run holds.
+
+    Vectorised Arrow hash lookups (C++): time and memory linear in listing + ledger."""
+    def keys(t: pa.Table) -> pa.ChunkedArray:
+        return pc.binary_join_element_wise(t.column("uri"), t.column("fingerprint"), "\x00")
+
+    done = pc.is_in(keys(listing), value_set=keys(ledger).combine_chunks())
+    known = pc.is_in(listing.column("uri"), value_set=ledger.column("uri").combine_chunks())
+    done = done.to_numpy(zero_copy_only=False)
+    known = known.to_numpy(zero_copy_only=False)
+    counts = {"skipped_unchanged": int(done.sum()), "changed": int((known & ~done).sum()),
+              "new": int((~known).sum())}
+    return ~done, counts
+
+
+def retry_filter(fs, root: str, run_id: str, listing: pa.Table) -> tuple[np.ndarray, dict]:
+    """Mask of listing rows that failed in run `run_id` (a published run, finished or not)."""
+    runs = {r.run_id: r for r in finished_runs(fs, root, include_failed=True)}
+    if run_id not in runs:
+        raise ValueError(f"--retry-errors {run_id}: no published run=<{run_id}> under {root}; "
+                         f"published runs: {', '.join(sorted(runs)) or 'none'}")
+    failed = _read_parquet(fs, storage.join(runs[run_id].path, LEDGER_FILE), ["uri"],
+                           [("status", "=", "error")])
+    todo = pc.is_in(listing.column("uri"), value_set=failed.column("uri")).to_numpy(
+        zero_copy_only=False)
+    return todo, {"failed_in_run": failed.num_rows, "retried": int(todo.sum()),
+                  "failed_but_gone": int(failed.num_rows - todo.sum())}
+
+
+def hash_fingerprints(listing: pa.Table, storage_options: dict[str, Any] | None = None,
+                      threads: int = 16) -> pa.Table:
+    """Replace the stat fingerprint by sha256 of the content (reads every input once)."""
+    uris = listing.column("uri").to_pylist()
+    if not uris:
+        return listing
+    fs, _ = storage.filesystem(uris[0], storage_options)
+
+    def digest(uri: str) -> str:
+        return "sha256:" + hashlib.sha256(fs.cat_file(fs._strip_protocol(uri))).hexdigest()
+
+    with ThreadPoolExecutor(threads) as pool:
+        values = list(pool.map(digest, uris))
+    i = listing.schema.get_field_index("fingerprint")
+    return listing.set_column(i, "fingerprint", pa.array(values, pa.string()))
+
+
+# -- the reader -------------------------------------------------------------------------------
+
+
+def load_features(output: str, run: str | None = None, *, columns: list[str] | None = None,
+                  storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Rows of finished runs only (those with `_SUCCESS`), with a `run` column.
+
+    With `run=None`, every input appears once: the row of the latest committed run holding it.
+    Only the files each run's manifest lists are read, so stray or partial files never count.
+    """
+    fs, root = storage.filesystem(output, storage_options)
+    runs = finished_runs(fs, root)
+    if run is not None:
+        runs = [r for r in runs if r.run_id == run]
+        if not runs:
+            raise ValueError(f"no finished run {run!r} under {output}")
+    tables = []
+    for order, r in enumerate(runs):
+        for rel in r.manifest["files"]:
+            t = _read_parquet(fs, storage.join(r.path, rel), columns)
+            t = t.replace_schema_metadata(None)
+            t = t.append_column("run", pa.array([r.run_id] * t.num_rows, pa.string()))
+            tables.append(t.append_column("_order", pa.array(np.full(t.num_rows, order))))
+    if not tables:
+        return pa.table({"uri": pa.array([], pa.string()), "run": pa.array([], pa.string())})
+    table = pa.concat_tables(tables, promote_options="permissive")
+    table = table.sort_by([("uri", "ascending"), ("_order", "descending")])
+    uris = table.column("uri")
+    if table.num_rows > 1:
+        differs = pc.not_equal(uris.slice(1), uris.slice(0, table.num_rows - 1))
+        keep = pa.concat_arrays([pa.array([True])] + [c for c in differs.chunks])
+        table = table.filter(keep)
+    return table.drop_columns(["_order"])
