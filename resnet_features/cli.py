@@ -20,6 +20,7 @@ __all__ = ["main"]
 log = logging.getLogger("resnet_features")
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 
 
 def _setup_logging() -> None:
@@ -88,6 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, InputError, OutputExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001
+        # Not the input's fault (storage down after retries, a broken device, a dead cluster):
+        # the traceback goes to the log, the reason to the last line; committed parts stay
+        # staged, so rerunning the same command resumes.
+        log.exception("the run failed")
+        first_line = (str(exc).splitlines() or [""])[0]
+        print(f"error: the run failed ({type(exc).__name__}: {first_line}); rerun the same "
+              f"command to resume from the committed parts", file=sys.stderr)
+        return EXIT_FAILED
     if result.summary.get("noop"):
         print(f"NO-OP: {result.reason}")
         return 0

@@ -24,8 +24,9 @@ def make_calibrated_state_dict(model_name: str, path: str, seed: int = 0) -> str
     Freshly initialised ResNets give degenerate features and near-tied logits; running real
     photos through the model in train mode gives BatchNorm realistic running statistics, so
     features spread out. A random classifier on those features still gives one class to almost
-    every image, with small margins, so the classifier is then centred and whitened on the
-    photos' features: every photo gets a distinct, confident top-1, as with pretrained weights.
+    every image, with small margins, so the classifier is then centred on the photos' features
+    and given one prototype class per calibration photo: crops and rescales of those photos
+    get a distinct, confident top-1, as with pretrained weights on their own classes.
     """
     if os.path.exists(path):
         return path
@@ -46,14 +47,21 @@ def make_calibrated_state_dict(model_name: str, path: str, seed: int = 0) -> str
         model(x)
         hook.remove()
         feats = torch.flatten(pooled["x"], 1).double()
-        mean, std = feats.mean(0), feats.std(0).clamp_min(1e-6)
+        mean = feats.mean(0)
+        centred = feats - mean
+        # Classes along the photos' strongest directions of variation (top principal
+        # components, both signs, whitened), weak random directions for every other class:
+        # decisions rest on the features' largest differences, as a trained head's do.
+        _, sv, vt = torch.linalg.svd(centred, full_matrices=False)
+        pcs = vt[:4] / (sv[:4, None] / centred.shape[0] ** 0.5)
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(model.fc.out_features, feats.shape[1], generator=g, dtype=torch.float64)
-        w = w / std / feats.shape[1] ** 0.5
-        logits = (feats - mean) @ w.T
-        scale = 4.0 / logits.std()  # logits spread like a trained classifier's
-        model.fc.weight.copy_((w * scale).float())
-        model.fc.bias.copy_((-(w * scale) @ mean).float())
+        w = 0.005 * w / w.norm(dim=1, keepdim=True) * pcs[0].norm()
+        for j, pc in enumerate(pcs):
+            w[(2 * j * 97 + 11) % model.fc.out_features] = 4.0 * pc
+            w[((2 * j + 1) * 97 + 11) % model.fc.out_features] = -4.0 * pc
+        model.fc.weight.copy_(w.float())
+        model.fc.bias.copy_((-w @ mean).float())
     torch.save(model.state_dict(), path)
     return path
 

@@ -78,7 +78,8 @@ def test_ray_job_submit_runs_the_job_on_a_cluster(tmp_path, few_photos, resnet18
             capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "SUCCEEDED: 6 images" in res.stdout
-    summary = json.loads((out / "_SUCCESS").read_text())
+    (run_dir,) = out.glob("run=*")
+    summary = json.loads((run_dir / "_SUCCESS").read_text())
     assert summary["inputs"] == summary["succeeded"] == 6
     table = pads.dataset(str(out), format="parquet").to_table()
     assert table.num_rows == 6 and table.schema.names == ["uri", "embedding", "width", "height"]

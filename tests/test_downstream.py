@@ -78,8 +78,11 @@ def make_augmented_set(root: str, seed: int = 1) -> str:
     return root
 
 
+RUN = "run=t"  # every extraction here uses --run-id t: its files land in OUTPUT/run=t/
+
+
 def extract(*argv: str):
-    result = run(config_from_args(get_args_parser().parse_args(list(argv))))
+    result = run(config_from_args(get_args_parser().parse_args([*argv, "--run-id", "t"])))
     assert result.exit_code == 0, result.reason
     return result
 
@@ -90,7 +93,7 @@ def _split_output(output: str, dest: str, keep) -> str:
     mask = [keep(u) for u in table.column("uri").to_pylist()]
     os.makedirs(dest)
     pq.write_table(table.filter(mask), os.path.join(dest, "part-00000.parquet"))
-    shutil.copy(os.path.join(output, "_summary.json"), dest)
+    shutil.copy(os.path.join(output, RUN, "_summary.json"), dest)
     return dest
 
 
@@ -236,7 +239,7 @@ def test_linear_probe_then_head_and_layers_in_extract(augmented, tmp_path):
     acc = np.mean([predicted[u] == lab
                    for u, lab in zip(metrics["val_uris"], metrics["val_labels"])])
     assert acc == pytest.approx(metrics["val_accuracy"])
-    summary = json.load(open(os.path.join(out, "_SUCCESS")))
+    summary = json.load(open(os.path.join(out, RUN, "_SUCCESS")))
     assert summary["head"]["classes"] == metrics["classes"]
     assert summary["layers"] == {"layer1": 64, "layer3": 256}
 

@@ -133,7 +133,7 @@ def test_gradcam_finds_pasted_object_and_matches_hand_written(resnet18_weights, 
     out = str(tmp_path / "out")
     result = run(config_from_args(get_args_parser().parse_args(
         ["--input", str(folder), "--output", out, "--model", "resnet18", "--weights", weights,
-         "--task", "classify,explain", "--top-k", "2", "--explain-png"])))
+         "--task", "classify,explain", "--top-k", "2", "--explain-png", "--run-id", "t"])))
     assert result.exit_code == 0, result.reason
     table = pads.dataset(out, format="parquet").to_table().sort_by("uri")
     assert table.schema.field("explain_map").type.list_size == 49
@@ -165,7 +165,8 @@ def test_gradcam_finds_pasted_object_and_matches_hand_written(resnet18_weights, 
         np.testing.assert_allclose(cam, ref, atol=0.02)
 
         # --explain-png: the overlay is the 224 crop, reddest where the map peaks
-        with Image.open(os.path.join(out, row["explain_png"])) as im:
+        # explain_png is relative to the run's folder
+        with Image.open(os.path.join(out, "run=t", row["explain_png"])) as im:
             overlay = np.asarray(im.convert("RGB"), dtype=np.float32)
         assert overlay.shape == (224, 224, 3)
         redness = overlay[..., 0] - overlay[..., 1:].mean(-1)

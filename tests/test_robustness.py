@@ -7,6 +7,7 @@ through eager torchvision), a decompression bomb and an object deleted after lis
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -33,7 +34,7 @@ from resnet_features.inference import (
     ModelStageError,
 )
 from resnet_features.models import resolve_model
-from resnet_features.reader import ReadBytes, list_images
+from resnet_features.reader import ReadBytes, list_inputs
 from resnet_features.samples import load_photo
 
 # Ray workers cannot import this test module: ship its runner classes by value.
@@ -243,8 +244,11 @@ def reference_from_images(model_name: str, weights: str, images: list[Image.Imag
     return np.stack(embs), np.array(top1), np.array(p1)
 
 
+RUN = "run=t"  # every run here uses --run-id t: its files land in OUTPUT/run=t/
+
+
 def make_cfg(*argv: str):
-    return config_from_args(get_args_parser().parse_args(list(argv)))
+    return config_from_args(get_args_parser().parse_args([*argv, "--run-id", "t"]))
 
 
 def _run_corpus(folder: str, out: str, weights: str, max_error_rate: str, monkeypatch):
@@ -252,14 +256,14 @@ def _run_corpus(folder: str, out: str, weights: str, max_error_rate: str, monkey
     missing = os.path.join(folder, MISSING)
     content = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
 
-    def list_then_delete(uri, storage_options=None):
+    def list_then_delete(uri, spec=None, storage_options=None):
         with open(missing, "wb") as f:
             f.write(content)
-        listing = list_images(uri, storage_options)
+        listing = list_inputs(uri, spec, storage_options)
         os.remove(missing)
         return listing
 
-    monkeypatch.setattr(pipeline, "list_images", list_then_delete)
+    monkeypatch.setattr(pipeline, "list_inputs", list_then_delete)
     return pipeline.run(make_cfg(
         "--input", folder, "--output", out, "--model", "resnet18", "--weights", weights,
         "--max-error-rate", max_error_rate, "--max-image-bytes", str(MAX_IMAGE_BYTES),
@@ -282,7 +286,7 @@ def read_rows(out: str):
 
 
 def read_errors(out: str):
-    return pads.dataset(os.path.join(out, "_errors"), format="parquet").to_table()
+    return pads.dataset(os.path.join(out, RUN, "_errors"), format="parquet").to_table()
 
 
 # ---------------------------------------------------------------- end-to-end tests
@@ -294,7 +298,7 @@ def test_corpus_run_finishes_and_counts_add_up(corpus, corpus_runs):
     assert len(bad) + len(valid) >= 25
     out, result = corpus_runs["0.5"]
     assert result.exit_code == 0, result.reason
-    s = json.load(open(os.path.join(out, "_SUCCESS")))
+    s = json.load(open(os.path.join(out, RUN, "_SUCCESS")))
     assert s["inputs"] == len(bad) + len(valid)
     assert s["succeeded"] == len(valid) and s["failed"] == len(bad)
     assert s["succeeded"] + s["failed"] == s["inputs"] and s["lost"] == 0
@@ -370,8 +374,8 @@ def test_over_the_error_budget_exits_nonzero_but_writes_everything(corpus, corpu
     assert result.exit_code == 3
     assert f"{len(bad)} of {len(bad) + len(valid)}" in result.reason
     assert "0.01" in result.reason
-    assert not os.path.exists(os.path.join(out, "_SUCCESS"))
-    s = json.load(open(os.path.join(out, "_summary.json")))
+    assert not os.path.exists(os.path.join(out, RUN, "_SUCCESS"))
+    s = json.load(open(os.path.join(out, RUN, "_summary.json")))
     assert s["status"] == "failed" and s["failed"] == len(bad) and s["succeeded"] == len(valid)
     assert read_rows(out).sort_by("uri").equals(read_rows(ok_out).sort_by("uri"))
     assert read_errors(out).sort_by("uri").equals(read_errors(ok_out).sort_by("uri"))
@@ -425,8 +429,8 @@ def test_device_fault_fails_the_run_and_records_no_bad_images(few_photos, resnet
         pipeline.run(make_cfg("--input", few_photos, "--output", out, "--model", "resnet18",
                               "--weights", resnet18_weights, "--max-error-rate", "1"),
                      runner_cls=_OutOfMemoryRunner)
-    assert not os.path.exists(os.path.join(out, "_SUCCESS"))
-    assert not os.path.exists(os.path.join(out, "_errors"))
+    assert not os.path.exists(os.path.join(out, RUN, "_SUCCESS"))
+    assert not glob.glob(os.path.join(out, "**", "_errors", "*.parquet"), recursive=True)
 
 
 # ---------------------------------------------------------------- decode memory on the bomb

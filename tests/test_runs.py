@@ -127,8 +127,10 @@ def test_retry_errors_processes_only_failed(resnet18_weights, ray_local, tmp_pat
     broken = os.path.join(inp, "broken.jpg")
     with open(broken, "wb") as f:
         f.write(b"not a jpeg at all")
-    r1 = run(make_cfg(*job_args(inp, out, resnet18_weights, "r1")))
-    assert (r1.summary["succeeded"], r1.summary["failed"]) == (4, 1)
+    # 1 of 5 failing is over the default 5% budget: a run that fails its budget is published
+    # without _SUCCESS (load_features skips it), so give this one a budget that admits it.
+    r1 = run(make_cfg(*job_args(inp, out, resnet18_weights, "r1", "--max-error-rate", "0.5")))
+    assert r1.exit_code == 0 and (r1.summary["succeeded"], r1.summary["failed"]) == (4, 1)
     Image.fromarray(load_photo("coffee")).resize((160, 120)).save(broken)
     r2 = run(make_cfg(*job_args(inp, out, resnet18_weights, "r1-fix", "--retry-errors", "r1")))
     assert r2.exit_code == 0 and r2.summary["computed"] == 1
