@@ -8,6 +8,8 @@ between versions (`compute=`/`concurrency=`), so every Ray call stays here.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 import time
 import warnings
@@ -75,9 +77,26 @@ class _ModelActor:
 def _init_ray() -> None:
     if ray.is_initialized():
         return
-    # Connects to RAY_ADDRESS or a cluster started with `ray start` on this machine (as under
-    # `ray job submit`); otherwise starts a local instance.
-    ray.init(logging_level=logging.WARNING, log_to_driver=True)
+    # RAY_ADDRESS (set by `ray job submit`) or a live cluster started with `ray start` on this
+    # machine: join it. Otherwise start a private local instance; never join a dead cluster
+    # whose address file a killed `ray start` left behind (ray.init would wait on it forever).
+    address = os.environ.get("RAY_ADDRESS") or ("auto" if _local_cluster_alive() else "local")
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+
+
+def _local_cluster_alive() -> bool:
+    """Whether the cluster in Ray's address file (/tmp/ray/ray_current_cluster) answers."""
+    from ray._private.utils import read_ray_address
+
+    address = read_ray_address()
+    if not address or ":" not in address:
+        return False
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _resolve_device(cfg: ExtractConfig) -> str:

@@ -77,7 +77,7 @@ def test_ray_job_submit_runs_the_job_on_a_cluster(tmp_path, few_photos, resnet18
              "--model", "resnet18", "--weights", resnet18_weights, "--task", "embed"],
             capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "SUCCEEDED: 6 images" in res.stdout
+    assert "SUCCEEDED: run " in res.stdout and ": 6 images from" in res.stdout
     (run_dir,) = out.glob("run=*")
     summary = json.loads((run_dir / "_SUCCESS").read_text())
     assert summary["inputs"] == summary["succeeded"] == 6

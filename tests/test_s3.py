@@ -256,7 +256,12 @@ def test_ray_job_submit_s3(s3, dataset, resnet18_weights):
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--num-gpus=0",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
-         "--include-dashboard=true", "--disable-usage-stats"],
+         "--include-dashboard=true", "--disable-usage-stats",
+         # explicit free ports: the defaults clash with any other Ray on this machine
+         f"--dashboard-agent-listen-port={_free_port()}",
+         f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+         f"--ray-client-server-port={_free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = f"s3://{BUCKET}/out/submitted"
 
