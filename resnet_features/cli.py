@@ -23,7 +23,8 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
+    """The log format every entry script uses (stderr, so stdout keeps only results)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -71,7 +72,7 @@ def summary_paragraph(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _setup_logging()
+    setup_logging()
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.demo:

@@ -308,10 +308,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from resnet_features.cli import setup_logging
     from resnet_features.search import SearchError, read_summary
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if not 0 < args.val_fraction < 1:

@@ -334,10 +334,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from resnet_features.cli import setup_logging
     from resnet_features.reader import InputError, list_images
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.k <= 0 or args.nprobe <= 0:
