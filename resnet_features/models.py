@@ -176,13 +176,15 @@ def build_model(spec: ModelSpec, state_dict: dict[str, torch.Tensor] | None) -> 
         raise WeightsError(f"no tensors for weights {spec.weights_id}")
     model = get_model_builder(spec.name)(weights=None, num_classes=spec.num_classes)
     if state_dict is not None:
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as exc:
-            raise WeightsError(
-                f"state_dict does not fit {spec.name}: {str(exc).splitlines()[0]}"
-            ) from exc
+        _load_into(model, spec.name, state_dict)
     return model.eval()
+
+
+def _load_into(model: torch.nn.Module, name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"state_dict does not fit {name}: {str(exc).splitlines()[0]}") from exc
 
 
 def resolve_model(
@@ -229,7 +231,7 @@ def resolve_model(
         num_classes=len(categories),
     )
     if state_dict is not None:
-        build_model(spec, state_dict)  # fail on the driver, not in every actor
+        _load_into(probe, model, state_dict)  # fail on the driver, not in every actor
     return spec, state_dict
 
 
