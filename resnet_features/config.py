@@ -12,7 +12,13 @@ from typing import Any
 
 from resnet_features.models import MODEL_NAMES
 
-__all__ = ["ConfigError", "ExtractConfig", "get_args_parser", "config_from_args"]
+__all__ = [
+    "ConfigError",
+    "ExtractConfig",
+    "get_args_parser",
+    "config_from_args",
+    "parse_storage_options",
+]
 
 
 class ConfigError(ValueError):
@@ -218,16 +224,22 @@ def _positive(name: str, value: float | None) -> None:
         raise ConfigError(f"{name} must be positive, got {value}")
 
 
+def parse_storage_options(text: str | None) -> dict[str, Any]:
+    """`--storage-options` JSON as a dict (shared by every entry script); ConfigError if bad."""
+    try:
+        options = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--storage-options is not valid JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise ConfigError("--storage-options must be a JSON object")
+    return options
+
+
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     """Validate parsed arguments into an ExtractConfig; raises ConfigError saying what to fix."""
     if not args.input or not args.output:
         raise ConfigError("--input and --output are required (or use --demo)")
-    try:
-        storage_options = json.loads(args.storage_options) if args.storage_options else {}
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--storage-options is not valid JSON: {exc}") from None
-    if not isinstance(storage_options, dict):
-        raise ConfigError("--storage-options must be a JSON object")
+    storage_options = parse_storage_options(args.storage_options)
     for name in ("top_k", "batch_size", "concurrency", "num_gpus_per_worker",
                  "num_cpus_per_worker", "decode_batch_size", "decode_num_cpus", "rows_per_file",
                  "max_image_pixels", "max_image_bytes", "cpu_threads"):

@@ -318,7 +318,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--val-fraction must be within (0, 1)")
     if args.hidden < 0 or args.epochs <= 0:
         parser.error("--hidden must be >= 0 and --epochs positive")
-    so = json.loads(args.storage_options) if args.storage_options else {}
+    from resnet_features.config import ConfigError, parse_storage_options
+
+    try:
+        so = parse_storage_options(args.storage_options)
+    except ConfigError as exc:
+        parser.error(str(exc))
     try:
         summary = read_summary(args.input, so)
         uris, x, labels = load_labelled(args.input, args.labels, so)

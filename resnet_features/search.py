@@ -342,7 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.k <= 0 or args.nprobe <= 0:
         parser.error("-k and --nprobe must be positive")
-    so = json.loads(args.storage_options) if args.storage_options else {}
+    from resnet_features.config import ConfigError, parse_storage_options
+
+    try:
+        so = parse_storage_options(args.storage_options)
+    except ConfigError as exc:
+        parser.error(str(exc))
     try:
         if args.query_output:
             names, queries = read_embeddings(args.query_output, storage_options=so)
