@@ -51,6 +51,7 @@ class ExtractConfig:
     decode_backend: str = "auto"
     cpu_threads: int | None = None  # torch threads per CPU model actor; None: its CPU share
     gpu_decode: bool = False
+    gpu_decode_fraction: float = 1.0
     compile: bool = False
     overwrite: bool = False
     layers: tuple[str, ...] = ()  # --layers: pooled intermediate stages as extra columns
@@ -200,6 +201,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="decode plain RGB/grey JPEGs with nvJPEG on the model's GPU "
                    "(torchvision.io.decode_jpeg(device='cuda')) instead of in CPU tasks; other "
                    "formats still decode on the CPU; needs the model on a GPU")
+    r.add_argument("--gpu-decode-fraction", type=float, default=1.0,
+                   help="with --gpu-decode: the share of plain JPEGs decoded on the GPU; the "
+                   "rest decode in CPU tasks, so both decoders work at once (benchmarks/gpu_node.py "
+                   "measures the best split for a node)")
     r.add_argument("--cpu-threads", type=int, default=None,
                    help="torch intra-op threads per CPU model actor (default: the node's CPUs "
                    "divided among the actors, so the model uses every core between decode tasks)")
@@ -251,6 +256,9 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     if args.preprocess_from and args.weights in ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2"):
         raise ConfigError("--preprocess-from applies to a state_dict file or 'random', not to "
                           "named weights (they bring their own preprocessing)")
+    if not 0.0 <= args.gpu_decode_fraction <= 1.0:
+        raise ConfigError(f"--gpu-decode-fraction must be within [0, 1], got "
+                          f"{args.gpu_decode_fraction}")
     if args.device == "cpu" and args.gpu_decode:
         raise ConfigError("--gpu-decode needs the model on a GPU: drop it or use --device cuda")
     if args.device == "cpu" and args.precision in ("bf16", "fp16"):
@@ -329,6 +337,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         decode_backend=args.decode_backend,
         cpu_threads=args.cpu_threads,
         gpu_decode=args.gpu_decode,
+        gpu_decode_fraction=args.gpu_decode_fraction,
         compile=args.compile,
         overwrite=args.overwrite,
         layers=layers,

@@ -97,6 +97,9 @@ class DecodeOptions:
     # --gpu-decode: plain JPEGs skip CPU decoding and travel as bytes (column `jpeg`) to the
     # model actor, which decodes them with nvJPEG (gpu_decode.py); headers are checked here.
     defer_jpeg: bool = False
+    # --gpu-decode-fraction: the share of deferrable JPEGs sent to the GPU; the rest decode here.
+    # On a GPU node the CPUs and nvJPEG together decode more than either alone.
+    defer_fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -166,9 +169,11 @@ def check_png_crcs(data: bytes) -> None:
 
 
 def deferrable_jpeg(data: bytes, options: DecodeOptions) -> tuple[int, int] | None:
-    """For --gpu-decode: the oriented (width, height) of a JPEG the GPU can decode, else None.
+    """For --gpu-decode: the (width, height) of a JPEG the GPU can decode, else None.
 
     Reads only the header, with the same format allow-list and size limits as `open_image`.
+    nvJPEG ignores EXIF orientation (torchvision applies it on the CPU only), so a JPEG whose
+    EXIF says it is rotated or mirrored decodes on the CPU instead.
     """
     if not data or len(data) > options.max_image_bytes:
         return None
@@ -178,10 +183,9 @@ def deferrable_jpeg(data: bytes, options: DecodeOptions) -> tuple[int, int] | No
     with img:
         if img.format != "JPEG" or img.mode not in ("RGB", "L"):
             return None
-        width, height = img.size
-        if img.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
-            width, height = height, width
-    return width, height
+        if img.getexif().get(ORIENTATION_TAG, 1) != 1:
+            return None
+        return img.size
 
 
 def _torch_resizable(prep: Preprocessing, options: DecodeOptions) -> bool:
@@ -326,10 +330,12 @@ class Decode:
             jpeg = np.empty(n, dtype=object)
             jpeg[:] = [b""] * n
             out["jpeg"] = jpeg
+        fraction = self.options.defer_fraction
         for i in range(n):
             if out["error_stage"][i]:
                 continue
-            if self.options.defer_jpeg:
+            # Row i goes to the GPU when floor((i+1)f) steps: an even spread of round(n*f) rows.
+            if self.options.defer_jpeg and int((i + 1) * fraction) > int(i * fraction):
                 try:
                     size = deferrable_jpeg(batch["bytes"][i], self.options)
                 except Exception:  # noqa: BLE001 - open_image below reports it as an error row

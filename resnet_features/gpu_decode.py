@@ -27,15 +27,16 @@ def decode_resize_batch(datas: list[bytes], prep: Preprocessing,
                         device: str | torch.device = "cuda") -> torch.Tensor:
     """JPEG bytes -> (N, crop, crop, 3) uint8 on `device`, torchvision's resize + centre crop.
 
-    EXIF orientation is applied. Raises RuntimeError for a batch with any undecodable file
-    (nvJPEG reports per batch); callers retry those images on the CPU path image by image.
+    Only for JPEGs without an EXIF rotation (`decode.deferrable_jpeg` checks): nvJPEG ignores
+    EXIF orientation, so this never applies it, on any device. Raises RuntimeError for a batch
+    with any undecodable file (nvJPEG reports per batch); callers retry those images one by one.
     """
     crop = prep.crop_size
     out = torch.empty((len(datas), crop, crop, 3), dtype=torch.uint8, device=device)
     if not datas:
         return out
     decoded = decode_jpeg([_readonly_tensor(d) for d in datas], mode=ImageReadMode.RGB,
-                          device=device, apply_exif_orientation=True)
+                          device=device)
     for i, chw in enumerate(decoded):
         h, w = chw.shape[1:]
         out[i] = resize_crop_hwc(chw, w, h, prep)
@@ -58,8 +59,11 @@ def with_gpu_decode(runner_cls: type) -> type:
             if rows:
                 batch = {k: (v.copy() if k.startswith("error_") else v)
                          for k, v in batch.items()}
-                images = torch.from_numpy(np.ascontiguousarray(batch["image"]))
-                images = images.to(self.device)
+                host = batch["image"]
+                if len(rows) == len(jpeg):  # all deferred: no host pixels worth copying
+                    images = torch.empty(host.shape, dtype=torch.uint8, device=self.device)
+                else:
+                    images = self.to_device(host)
                 prep = self.spec.preprocessing
                 try:
                     images[rows] = decode_resize_batch([jpeg[i] for i in rows], prep,

@@ -133,6 +133,7 @@ def build_dataset(
         draft_factor=cfg.draft_factor,
         backend=cfg.decode_backend,
         defer_jpeg=cfg.gpu_decode and options.device == "cuda",
+        defer_fraction=cfg.gpu_decode_fraction,
     )
     if decode_options.defer_jpeg:
         runner_cls = with_gpu_decode(runner_cls)

@@ -92,9 +92,7 @@ def test_truncated_jpeg_is_an_error_row_on_auto_backend():
 def test_batched_decode_matches_reference_on_cpu():
     """decode_resize_batch is the nvJPEG path; on the CPU it runs the same code on libjpeg."""
     imgs = [Image.fromarray(load_photo(n)).resize((480, 360)) for n in ("astronaut", "coffee")]
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    datas = [jpeg(imgs[0]), jpeg(imgs[1], exif=exif.tobytes())]
+    datas = [jpeg(imgs[0]), jpeg(imgs[1].transpose(Image.Transpose.ROTATE_90))]
     out = decode_resize_batch(datas, PREP, "cpu").numpy()
     assert out.shape == (2, 224, 224, 3)
     from PIL import ImageOps
@@ -135,6 +133,28 @@ def test_deferred_jpegs_decode_in_the_model_stage(few_photos, resnet18_weights, 
     assert cos.min() >= 0.995, cos
 
 
+def test_gpu_share_and_exif_rotated_jpegs():
+    """--gpu-decode-fraction spreads the GPU's share evenly; JPEGs with an EXIF rotation are
+    never deferred (nvJPEG would ignore the rotation) and decode upright on the CPU."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    plain = jpeg(Image.fromarray(load_photo("coffee")).resize((480, 360)))
+    rotated = jpeg(Image.fromarray(load_photo("chelsea")).resize((480, 360)), exif=exif.tobytes())
+    datas = [plain] * 8 + [rotated]
+    batch = {"index": np.arange(9), "uri": np.array([f"{i}.jpg" for i in range(9)], dtype=object),
+             "bytes": np.array(datas, dtype=object)}
+    for fraction, expect in ((1.0, 8), (0.5, 4), (0.25, 2), (0.0, 0)):
+        out = Decode(PREP, DecodeOptions(defer_jpeg=True, defer_fraction=fraction))(batch)
+        deferred = [i for i, d in enumerate(out["jpeg"]) if len(d)]
+        assert len(deferred) == expect and 8 not in deferred, (fraction, deferred)
+        cpu_rows = [i for i in range(9) if i not in deferred]
+        assert all(out["image"][i].std() > 5 for i in cpu_rows)
+    from PIL import ImageOps
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(rotated)))
+    assert (out["width"][8], out["height"][8]) == upright.size == (360, 480)
+    assert np.abs(out["image"][8].astype(int) - reference_uint8(upright).astype(int)).mean() < 0.5
+
+
 def test_speed_flags_are_validated():
     from resnet_features.config import ConfigError, config_from_args, get_args_parser
 
@@ -145,5 +165,8 @@ def test_speed_flags_are_validated():
     assert cfg("--decode-backend", "pillow", "--cpu-threads", "3").cpu_threads == 3
     with pytest.raises(ConfigError, match="--gpu-decode"):
         cfg("--device", "cpu", "--gpu-decode")
+    assert cfg("--gpu-decode-fraction", "0.4").gpu_decode_fraction == 0.4
+    with pytest.raises(ConfigError, match="--gpu-decode-fraction"):
+        cfg("--gpu-decode-fraction", "1.5")
     with pytest.raises(ConfigError, match="--cpu-threads"):
         cfg("--cpu-threads", "0")
