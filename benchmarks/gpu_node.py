@@ -291,6 +291,8 @@ def bench_node(paths: list[str], workdir: str, batch: int, n_batches: int, devic
         compile_model = False
         runner = build(False)
     _sync(device)
+    fidelity = node_fidelity(paths[:batch], runner, weights, device)
+    log.info("node fidelity: %s", fidelity)
     runs = []
     for workers, fraction, with_model in configs:
         t = time.perf_counter()
@@ -301,7 +303,59 @@ def bench_node(paths: list[str], workdir: str, batch: int, n_batches: int, devic
                  r["gpu_utilization_percent"], time.perf_counter() - t)
         runs.append(r)
     return {"model": "resnet50", "batch": batch, "compiled": compile_model,
-            "cpu_count": os.cpu_count(), "runs": runs}
+            "cpu_count": os.cpu_count(), "fidelity": fidelity, "runs": runs}
+
+
+def node_fidelity(paths: list[str], runner, weights: str, device: str) -> dict:
+    """The node's two decode paths (CPU `Decode`, nvJPEG) through the node's model, against
+    eager fp32 torchvision on `weights.transforms()` of the PIL images (the reference)."""
+    from PIL import Image
+    from torchvision.models import ResNet50_Weights
+
+    from resnet_features.gpu_decode import decode_resize_batch
+
+    entry = ResNet50_Weights.DEFAULT
+    tf = entry.transforms()
+    ref_model = get_model_builder("resnet50")(weights=None)
+    ref_model.load_state_dict(torch.load(weights, weights_only=True))
+    ref_model = ref_model.to(device).eval()
+    pooled: dict = {}
+    ref_model.avgpool.register_forward_hook(
+        lambda m, i, o, pooled=pooled: pooled.__setitem__("x", o))
+    ref, ref_pixels = [], []
+    crop = tf.crop_size[0]
+    for i in range(0, len(paths), 64):
+        imgs = [Image.open(p).convert("RGB") for p in paths[i:i + 64]]
+        ref_pixels += [_ref_uint8(im, tf) for im in imgs]
+        x = torch.stack([tf(im) for im in imgs]).to(device)
+        with torch.inference_mode():
+            ref_model(x)
+        ref.append(torch.flatten(pooled["x"], 1).float().cpu().numpy())
+    ref = np.concatenate(ref)
+    datas = [open(p, "rb").read() for p in paths]
+    gpu_pixels = decode_resize_batch(datas, runner.spec.preprocessing, device).cpu().numpy()
+    mad = np.abs(gpu_pixels.astype(np.int16) - np.stack(ref_pixels).astype(np.int16))
+    out: dict = {"images": len(paths), "crop": crop,
+                 "nvjpeg_pixels_mean_abs_diff": round(float(mad.mean()), 3)}
+    column = np.empty(len(datas), dtype=object)
+    column[:] = datas
+    for name, fraction in (("cpu_decode", 0.0), ("nvjpeg", 1.0)):
+        batch = Decode(runner.spec.preprocessing, DecodeOptions(
+            defer_jpeg=fraction > 0, defer_fraction=fraction))(
+            {"uri": np.array(paths), "bytes": column})
+        emb = runner(batch)["embedding"]
+        cos = cosine(emb, ref)
+        out[name] = {"cosine_mean": round(float(cos.mean()), 5),
+                     "cosine_min": round(float(cos.min()), 5)}
+    return out
+
+
+def _ref_uint8(img, tf) -> np.ndarray:
+    """The reference's pixels before float conversion: PIL resize + centre crop."""
+    from torchvision.transforms import functional as F
+
+    return np.asarray(F.center_crop(F.resize(img, tf.resize_size, interpolation=tf.interpolation,
+                                             antialias=True), tf.crop_size))
 
 
 # ----------------------------------------------------------------------------- main
@@ -329,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workers", type=int, default=None,
                    help="CPU decode processes (default: CPUs - 2)")
+    p.add_argument("--configs", default=None,
+                   help="node runs as WORKERS:GPU_FRACTION[:nomodel],... (default: a sweep)")
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--skip-node", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: harness check")
@@ -369,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
             (workers, 0.55, True),
             (1, 1.0, True),  # nvJPEG only (one process checks headers)
         ]
-        if args.smoke:
+        if args.configs:
+            configs = [(int(c.split(":")[0]), float(c.split(":")[1]), not c.endswith("nomodel"))
+                       for c in args.configs.split(",")]
+        elif args.smoke:
             configs = [(1, 0.0, False), (1, 0.5, True), (1, 1.0, True)]
         results["node"] = bench_node(corpus, args.workdir, args.batch, args.node_batches,
                                      device, configs, compile_model=device == "cuda")
