@@ -274,9 +274,10 @@ def run_node(paths: list[str], runner, workers: int, fraction: float, batch: int
 
 
 def bench_node(paths: list[str], workdir: str, batch: int, n_batches: int, device: str,
-               configs: list[tuple[int, float, bool]], compile_model: bool) -> dict:
-    weights = make_calibrated_state_dict("resnet50", os.path.join(workdir, "resnet50.pt"))
-    spec, state = resolve_model("resnet50", weights)
+               configs: list[tuple[int, float, bool]], compile_model: bool,
+               model: str = "resnet50") -> dict:
+    weights = make_calibrated_state_dict(model, os.path.join(workdir, f"{model}.pt"))
+    spec, state = resolve_model(model, weights)
     def build(compiled: bool):
         runner = with_gpu_decode(ModelRunner)(spec, state, InferenceOptions(
             task="embed", device=device, compile=compiled))
@@ -302,7 +303,7 @@ def bench_node(paths: list[str], workdir: str, batch: int, n_batches: int, devic
                  workers, fraction, with_model, r["images_per_s"],
                  r["gpu_utilization_percent"], time.perf_counter() - t)
         runs.append(r)
-    return {"model": "resnet50", "batch": batch, "compiled": compile_model,
+    return {"model": model, "batch": batch, "compiled": compile_model,
             "cpu_count": os.cpu_count(), "fidelity": fidelity, "runs": runs}
 
 
@@ -310,13 +311,12 @@ def node_fidelity(paths: list[str], runner, weights: str, device: str) -> dict:
     """The node's two decode paths (CPU `Decode`, nvJPEG) through the node's model, against
     eager fp32 torchvision on `weights.transforms()` of the PIL images (the reference)."""
     from PIL import Image
-    from torchvision.models import ResNet50_Weights
+    from torchvision.models import get_model_weights
 
     from resnet_features.gpu_decode import decode_resize_batch
 
-    entry = ResNet50_Weights.DEFAULT
-    tf = entry.transforms()
-    ref_model = get_model_builder("resnet50")(weights=None)
+    tf = get_model_weights(runner.spec.name).DEFAULT.transforms()
+    ref_model = get_model_builder(runner.spec.name)(weights=None)
     ref_model.load_state_dict(torch.load(weights, weights_only=True))
     ref_model = ref_model.to(device).eval()
     pooled: dict = {}
@@ -385,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU decode processes (default: CPUs - 2)")
     p.add_argument("--configs", default=None,
                    help="node runs as WORKERS:GPU_FRACTION[:nomodel],... (default: a sweep)")
+    p.add_argument("--node-model", default="resnet50")
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--skip-node", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: harness check")
@@ -431,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.smoke:
             configs = [(1, 0.0, False), (1, 0.5, True), (1, 1.0, True)]
         results["node"] = bench_node(corpus, args.workdir, args.batch, args.node_batches,
-                                     device, configs, compile_model=device == "cuda")
+                                     device, configs, compile_model=device == "cuda",
+                                     model=args.node_model)
         save()
     print(json.dumps(results, indent=1))
     return 0

@@ -18,8 +18,8 @@ and JSON. Sections:
 - e2e: the Ray Data job (`pipeline.run`) on a corpus with one 12 MP photo in four, against the
   usual Ray Data pattern (`read_images` + per-row PIL/ToTensor/transforms `map` + a model
   actor pool), both timed in wall-clock and in the model's busy window;
-- gpu (only when CUDA is available): the model stage alone (eager fp32 vs bf16 channels_last
-  compiled) and nvJPEG decode + model.
+GPU figures come from `benchmarks/gpu_node.py` (no Ray needed): the model stage alone and
+CPU decode processes + nvJPEG + model on one GPU node.
 """
 
 from __future__ import annotations
@@ -371,59 +371,6 @@ def bench_e2e(corpus: dict[str, list], workdir: str, model: str, weights_path: s
     return results
 
 
-# ----------------------------------------------------------------------------- GPU
-
-def bench_gpu(models: list[str], batch_size: int, datas: list[bytes], seconds: float) -> dict:
-    """Model stage alone (eager fp32 vs bf16 channels_last compiled), and nvJPEG + model."""
-    from resnet_features.gpu_decode import decode_resize_batch
-
-    dev = torch.device("cuda")
-    out: dict = {"device": torch.cuda.get_device_name(0)}
-
-    def rate(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            fn()
-            n += 1
-        torch.cuda.synchronize()
-        return n * batch_size / (time.perf_counter() - t0)
-
-    for name in models:
-        spec, _ = resolve_model(name, "random")
-        x8 = torch.randint(0, 256, (batch_size, 224, 224, 3), dtype=torch.uint8, device=dev)
-        fast = ModelRunner(spec, None, InferenceOptions(task="both", device="cuda",
-                                                        precision="bf16", compile=True))
-        x_nchw = x8.permute(0, 3, 1, 2).float().contiguous()
-        plain = get_model_builder(name)(weights=None).to(dev).eval()
-
-        def eager_fp32(plain=plain, x=x_nchw):
-            with torch.inference_mode():
-                plain(x)
-
-        def compiled_bf16(fast=fast, x=x8):
-            fast.forward_tensor(x)
-        r_eager, r_fast = rate(eager_fp32), rate(compiled_bf16)
-        out[name] = {"eager_fp32_images_per_s": round(r_eager),
-                     "bf16_channels_last_compiled_images_per_s": round(r_fast),
-                     "speedup": round(r_fast / r_eager, 2)}
-        del plain, fast
-    spec, _ = resolve_model("resnet50", "random")
-    runner = ModelRunner(spec, None, InferenceOptions(task="embed", device="cuda",
-                                                      precision="bf16", compile=True))
-    batch = (datas * (batch_size // len(datas) + 1))[:batch_size]
-
-    def nvjpeg_model():
-        runner.forward_tensor(decode_resize_batch(batch, spec.preprocessing, "cuda"))
-    out["nvjpeg_decode_plus_resnet50_images_per_s"] = round(rate(nvjpeg_model))
-    try:
-        out["gpu_utilization_percent_after"] = torch.cuda.utilization()
-    except Exception as exc:  # noqa: BLE001 - pynvml may be missing
-        out["gpu_utilization_percent_after"] = f"unavailable ({type(exc).__name__})"
-    return out
-
-
 # ----------------------------------------------------------------------------- main
 
 def _table(results: dict) -> str:
@@ -453,8 +400,6 @@ def _table(results: dict) -> str:
                          f"window {e[k]['images_per_s_busy']:7.2f} images/s")
         for k, v in e["ratios"].items():
             lines.append(f"  {k:32s} {v}")
-    if "gpu" in results:
-        lines.append("\nGPU: " + json.dumps(results["gpu"]))
     return "\n".join(lines)
 
 
@@ -474,8 +419,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-images", type=int, default=48,
                    help="images in the end-to-end corpus (one in four is 12 MP); 0 skips e2e")
     p.add_argument("--object-store-mb", type=int, default=1500)
-    p.add_argument("--gpu-seconds", type=float, default=10.0)
-    p.add_argument("--skip-gpu", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -514,11 +457,6 @@ def main(argv: list[str] | None = None) -> int:
                 e2e_corpus, args.workdir, args.model, weights, args.batch_size,
                 lambda: bench_model(args.model, weights, args.batch_size, args.forward_batches,
                                     os.cpu_count() or 1), args.object_store_mb)
-        if torch.cuda.is_available() and not args.skip_gpu:
-            results["gpu"] = bench_gpu(["resnet50", "resnet34"], 256, sets["imagenet"],
-                                       args.gpu_seconds)
-        else:
-            results["gpu"] = "not measured: no CUDA device" if not args.skip_gpu else "skipped"
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -28,3 +28,24 @@ def test_corpus_and_decode_section(tmp_path):
         assert set(out[kind]["images_per_cpu_s"]) == set(variants)
         assert out[kind]["speedup_vs_usual"]["usual_pil_totensor_transforms"] == 1.0
         assert all(v > 0 for v in out[kind]["images_per_cpu_s"].values())
+
+
+def test_gpu_node_harness_on_cpu(tmp_path):
+    """benchmarks/gpu_node.py's node run, tiny and on the CPU (where "nvJPEG" is libjpeg): every
+    image comes back through decode processes + deferred decode + model, and both decode paths
+    agree with eager torchvision on the reference transforms."""
+    import json
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(__file__))
+    out = tmp_path / "gpu.json"
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_node.py"), "--smoke",
+                    "--skip-model", "--node-model", "resnet18", "--configs", "1:0.5,1:0:nomodel",
+                    "--workdir", str(tmp_path), "--json", str(out)], check=True, timeout=600,
+                   capture_output=True)
+    node = json.loads(out.read_text())["node"]
+    assert node["fidelity"]["nvjpeg_pixels_mean_abs_diff"] < 0.1
+    for path in ("cpu_decode", "nvjpeg"):
+        assert node["fidelity"][path]["cosine_min"] > 0.999, node["fidelity"]
+    for run in node["runs"]:
+        assert run["images"] == 24 and run["errors"] == 0 and run["images_per_s"] > 0
