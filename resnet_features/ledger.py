@@ -69,27 +69,34 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def uri_hash(uris: pa.Array | pa.ChunkedArray, chunk: int = 1 << 16) -> np.ndarray:
+def uri_hash(uris: pa.Array | pa.ChunkedArray, chunk: int = 8192) -> np.ndarray:
     """Stable 63-bit hash (int64 >= 0) of each string: a polynomial over its UTF-8 bytes mod
-    2^64, finalised with splitmix64. Pure numpy, so every version and machine agrees."""
-    arr = uris.combine_chunks() if isinstance(uris, pa.ChunkedArray) else uris
-    arr = arr.cast(pa.large_string())
-    out = np.empty(len(arr), dtype=np.int64)
+    2^64, finalised with splitmix64. Pure numpy, so every version and machine agrees; works
+    `chunk` strings at a time, so its temporaries stay a few MiB whatever the input's size."""
+    chunks = uris.chunks if isinstance(uris, pa.ChunkedArray) else [uris]
+    out = np.empty(sum(len(c) for c in chunks), dtype=np.int64)
+    done = 0
     with np.errstate(over="ignore"):
-        for s in range(0, len(arr), chunk):
-            a = arr.slice(s, chunk)
-            offsets = np.frombuffer(a.buffers()[1], np.int64)[a.offset:a.offset + len(a) + 1]
-            starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
-            data = a.buffers()[2]
-            data = (np.frombuffer(data, np.uint8)[offsets[0]:offsets[-1]] if data is not None
-                    else np.zeros(0, np.uint8))
-            pos = np.arange(len(data), dtype=np.int64) - np.repeat(starts, lengths)
-            powers = np.cumprod(np.full(int(lengths.max(initial=0)) + 1, _P, dtype=np.uint64))
-            terms = np.append((data.astype(np.uint64) + np.uint64(1)) * powers[pos], np.uint64(0))
-            sums = np.add.reduceat(terms, starts) if len(a) else np.zeros(0, np.uint64)
-            h = np.where(lengths > 0, sums, np.uint64(0)) + lengths.astype(np.uint64)
-            out[s:s + len(a)] = (_mix(h) >> np.uint64(1)).view(np.int64)
+        for c in chunks:
+            for s in range(0, len(c), chunk):
+                a = c.slice(s, chunk).cast(pa.large_string())  # copies this slice only
+                out[done:done + len(a)] = _hash_slice(a)
+                done += len(a)
     return out
+
+
+def _hash_slice(a: pa.Array) -> np.ndarray:
+    offsets = np.frombuffer(a.buffers()[1], np.int64)[a.offset:a.offset + len(a) + 1]
+    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
+    data = a.buffers()[2]
+    data = (np.frombuffer(data, np.uint8)[offsets[0]:offsets[-1]] if data is not None
+            else np.zeros(0, np.uint8))
+    pos = np.arange(len(data), dtype=np.int64) - np.repeat(starts, lengths)
+    powers = np.cumprod(np.full(int(lengths.max(initial=0)) + 1, _P, dtype=np.uint64))
+    terms = np.append((data.astype(np.uint64) + np.uint64(1)) * powers[pos], np.uint64(0))
+    sums = np.add.reduceat(terms, starts) if len(a) else np.zeros(0, np.uint64)
+    h = np.where(lengths > 0, sums, np.uint64(0)) + lengths.astype(np.uint64)
+    return (_mix(h) >> np.uint64(1)).view(np.int64)
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -306,6 +313,17 @@ def _plan(fs, root: str, runs: Sequence[Any], task_fp: str, exclude_run: str | N
     return sources, index, outside, covers
 
 
+def _take_rows(batches: list[pa.RecordBatch], bounds: np.ndarray, rows: np.ndarray) -> pa.Table:
+    """Rows (ascending positions) of a table given as record batches: a take per batch touched.
+    Arrow's take on a chunked table concatenates all its chunks first, a copy of the listing
+    per range."""
+    cuts = np.searchsorted(rows, bounds)
+    parts = [batches[k].take(pa.array(rows[cuts[k]:cuts[k + 1]] - bounds[k]))
+             for k in np.flatnonzero(cuts[1:] > cuts[:-1])]
+    return (pa.Table.from_batches(parts) if parts else
+            pa.table({"uri": pa.array([], pa.string()), "fingerprint": pa.array([], pa.string())}))
+
+
 def decide_incremental(fs, root: str, runs: Sequence[Any], task_fp: str, listing: pa.Table, *,
                        exclude_run: str | None = None, range_entries: int = RANGE_ENTRIES,
                        compact_after: int = COMPACT_AFTER_RUNS
@@ -328,10 +346,11 @@ def decide_incremental(fs, root: str, runs: Sequence[Any], task_fp: str, listing
     n = listing.num_rows
     todo = np.ones(n, dtype=bool)
     counts = {"skipped_unchanged": 0, "changed": 0, "new": 0}
-    hashes = uri_hash(listing.column("uri"))
-    order = np.argsort(hashes, kind="stable")
-    hashes = hashes[order]
-    keyed = listing.select(["uri", "fingerprint"])
+    hashes = uri_hash(listing.column("uri"))  # 17 bytes per listed input in all, with
+    order = np.argsort(hashes, kind="stable")  # `todo`: the part of the decision that grows
+    hashes.sort()  # with the listing (which the driver holds anyway), not with the ledger
+    batches = listing.select(["uri", "fingerprint"]).to_batches()
+    bounds = np.cumsum([0] + [b.num_rows for b in batches])
     cursors = [_Cursor(s.pieces()) for s in sources]
     most = 0
     for r in range(1 << bits):
@@ -349,8 +368,8 @@ def decide_incremental(fs, root: str, runs: Sequence[Any], task_fp: str, listing
                             "fingerprint": pa.array([], pa.string())}))
         most = max(most, merged.num_rows)
         if b > a:
-            rows = order[a:b]
-            mask, c = incremental_filter(keyed.take(pa.array(rows)), merged)
+            rows = np.sort(order[a:b])
+            mask, c = incremental_filter(_take_rows(batches, bounds, rows), merged)
             todo[rows] = mask
             for k in counts:
                 counts[k] += c[k]

@@ -117,9 +117,13 @@ def reference(per_run: list[list[tuple[str, str, str]]], listing_fp: dict[str, s
 
 
 def listing_of(listing_fp: dict[str, str]) -> pa.Table:
+    """The listing as the job holds it, in uneven chunks (a decision range gathers its rows
+    from several)."""
     n = len(listing_fp)
-    return pa.table({"index": np.arange(n), "uri": list(listing_fp),
-                     "size_bytes": np.zeros(n, np.int64), "fingerprint": list(listing_fp.values())})
+    t = pa.table({"index": np.arange(n), "uri": list(listing_fp),
+                  "size_bytes": np.zeros(n, np.int64), "fingerprint": list(listing_fp.values())})
+    cuts = [0, n // 7, n // 2, n // 2, n]
+    return pa.concat_tables([t.slice(a, b - a) for a, b in zip(cuts, cuts[1:])])
 
 
 def decide(out: str, listing_fp: dict[str, str], **kw):
