@@ -11,7 +11,7 @@ Sources of one decision, oldest first:
 
     OUTPUT/_index/task=<fp>/_current.json   the compacted index: which runs (and which publish
                                             of each) it covers, its files and their hash ranges
-    OUTPUT/_index/task=<fp>/g-*/r-*.parquet the latest ok (uri, fingerprint) per URI of those runs
+    OUTPUT/_index/task=<fp>/g-*/i-*.parquet the latest ok (uri, fingerprint) per URI of those runs
     OUTPUT/run=<id>/_ledger/h-*.parquet     runs published after the index (`ledger_files` in
                                             the run's manifest)
     OUTPUT/run=<id>/_ledger/ledger.parquet  a run written before hash-sorted ledgers (uri-sorted,
@@ -49,12 +49,15 @@ log = logging.getLogger(__name__)
 HASH = "h"
 LEDGER_ROW_GROUP = 16_384  # ~1 MiB in memory: the most a source holds beyond its range
 LEDGER_FILE_ROWS = 1 << 22  # a run ledger is split into files of at most 4M entries
-RANGE_ENTRIES = 1 << 20  # target earlier entries per decision range (~70 MiB in Arrow)
+INDEX_FILE_ROWS = 1 << 22  # entries per index file (~100 MiB of Parquet)
+RANGE_ENTRIES = 1 << 17  # target earlier entries per decision range: ~75 MiB of Arrow at peak
 COMPACT_AFTER_RUNS = 4  # run ledgers outside the index a decision reads before it compacts
 MAX_RANGE_BITS = 20
 INDEX_ROOT = "_index"
 INDEX_POINTER = "_current.json"
 V1_LEDGER_FILE = "_ledger/ledger.parquet"  # runs published before hash-sorted ledgers
+
+INDEX_SCHEMA = pa.schema([(HASH, pa.int64()), ("uri", pa.string()), ("fingerprint", pa.string())])
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _P = np.uint64(0x100000001B3)
@@ -254,8 +257,10 @@ def incremental_filter(listing: pa.Table, ledger: pa.Table) -> tuple[np.ndarray,
 
 
 class _IndexWriter:
-    """Writes one index generation range by range; `commit` publishes it with one pointer
-    write, then removes older generations."""
+    """Writes one index generation range by range into files of up to `INDEX_FILE_ROWS`
+    entries (few, large objects: a night's read of the index is a few GETs per file);
+    `commit` publishes it with one pointer write, then removes older generations. Files of a
+    generation that never commits are never read, so they are written in place."""
 
     def __init__(self, fs, root: str, task_fp: str, covers: dict[str, str], seq: int):
         self.fs, self.dir = fs, _index_dir(root, task_fp)
@@ -263,20 +268,33 @@ class _IndexWriter:
         self.covers, self.seq = covers, seq
         self.files: list[dict[str, Any]] = []
         self.entries = 0
+        self._file = self._writer = None
 
-    def add(self, r: int, merged: pa.Table) -> None:
+    def add(self, merged: pa.Table) -> None:
         if not merged.num_rows:
             return
         merged = merged.take(pc.sort_indices(merged, [(HASH, "ascending"), ("uri", "ascending")]))
-        rel = storage.join(self.gen, f"r-{r:07d}.parquet")
-        _write_file(self.fs, storage.join(self.dir, rel), _parquet_bytes(merged),
-                    storage.join(self.dir, TMP_DIR))
-        hs = merged.column(HASH)
-        self.files.append({"path": rel, "rows": merged.num_rows, "lo": int(hs[0].as_py()),
-                           "hi": int(hs[-1].as_py())})
+        merged = merged.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+        if self._writer is None or self.files[-1]["rows"] >= INDEX_FILE_ROWS:
+            self._close_file()
+            rel = storage.join(self.gen, f"i-{len(self.files):05d}.parquet")
+            self.fs.makedirs(storage.join(self.dir, self.gen), exist_ok=True)
+            self._file = self.fs.open(storage.join(self.dir, rel), "wb")
+            self._writer = pq.ParquetWriter(self._file, INDEX_SCHEMA, compression="zstd")
+            self.files.append({"path": rel, "rows": 0, "lo": int(merged[HASH][0].as_py())})
+        self._writer.write_table(merged, row_group_size=LEDGER_ROW_GROUP)
+        self.files[-1]["rows"] += merged.num_rows
+        self.files[-1]["hi"] = int(merged[HASH][-1].as_py())
         self.entries += merged.num_rows
 
+    def _close_file(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._file.close()
+            self._file = self._writer = None
+
     def commit(self) -> None:
+        self._close_file()
         pointer = {"generation": self.gen, "seq": self.seq, "covers": self.covers,
                    "files": self.files, "entries": self.entries, "format": 1,
                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -287,8 +305,8 @@ class _IndexWriter:
             name = p.rstrip("/").rsplit("/", 1)[-1]
             if name != self.gen and (name.startswith("g-") or name == TMP_DIR):
                 self.fs.rm(p, recursive=True)
-        log.info("ledger index generation %s: %d entries from %d runs", self.gen,
-                 self.entries, len(self.covers))
+        log.info("ledger index generation %s: %d entries from %d runs in %d files", self.gen,
+                 self.entries, len(self.covers), len(self.files))
 
 
 def _plan(fs, root: str, runs: Sequence[Any], task_fp: str, exclude_run: str | None
@@ -374,7 +392,7 @@ def decide_incremental(fs, root: str, runs: Sequence[Any], task_fp: str, listing
             for k in counts:
                 counts[k] += c[k]
         if writer is not None:
-            writer.add(r, merged)
+            writer.add(merged)
     if writer is not None:
         writer.commit()
     info = {**counts, "ledger_entries": entries,

@@ -133,9 +133,11 @@ def decide(out: str, listing_fp: dict[str, str], **kw):
 
 @pytest.fixture
 def small_row_groups(monkeypatch):
-    """Row groups and ledger files far smaller than a range: cursors cross both boundaries."""
+    """Row groups and ledger and index files far smaller than a range: cursors cross every
+    kind of boundary."""
     monkeypatch.setattr(ledger, "LEDGER_ROW_GROUP", 7)
     monkeypatch.setattr(ledger, "LEDGER_FILE_ROWS", 50)
+    monkeypatch.setattr(ledger, "INDEX_FILE_ROWS", 90)
 
 
 # -- tests ------------------------------------------------------------------------------------
@@ -206,6 +208,8 @@ def test_compaction_keeps_decisions_and_bounds_ledgers_read(tmp_path, small_row_
     index_dir = tmp_path / "out" / "_index" / f"task={TASK}"
     pointer = json.load(open(index_dir / "_current.json"))
     assert sorted(pointer["covers"]) == ["n0", "n1", "n2"]
+    assert len(pointer["files"]) > 2 and pointer["files"][0]["path"].startswith("g-000001-")
+    assert all(a["hi"] < b["lo"] for a, b in zip(pointer["files"], pointer["files"][1:]))
     gen = pointer["generation"]
     # The index holds one entry per URI: the newest ok one.
     newest = {}
