@@ -58,8 +58,8 @@ def publish(out: str, run_id: str, rows: list[tuple[str, str, str]], day: int, *
     """A finished run whose ledger holds (uri, fingerprint, status) rows, written by the job's
     own ledger writer (or as the single uri-sorted file runs had before hash-sorted ledgers)."""
     fs, root = storage.filesystem(out)
-    run_dir = os.path.join(root, f"run={run_id}")
-    os.makedirs(os.path.join(run_dir, "_ledger"), exist_ok=True)
+    run_dir = storage.join(root, f"run={run_id}")
+    fs.makedirs(storage.join(run_dir, "_ledger"), exist_ok=True)
     table = pa.table({"uri": [r[0] for r in rows], "fingerprint": [r[1] for r in rows],
                       "status": [r[2] for r in rows],
                       "file": ["part-00000.parquet"] * len(rows)}, schema=LEDGER_SCHEMA)
@@ -67,13 +67,14 @@ def publish(out: str, run_id: str, rows: list[tuple[str, str, str]], day: int, *
                 "publish_id": publish_id or f"pub-{run_id}", "status": "succeeded",
                 "committed_at": f"2026-01-{day:02d}T03:00:00Z"}
     if old_format:
-        pq.write_table(table.sort_by("uri"), os.path.join(run_dir, "_ledger", "ledger.parquet"))
+        with fs.open(storage.join(run_dir, "_ledger", "ledger.parquet"), "wb") as f:
+            pq.write_table(table.sort_by("uri"), f)
         manifest["ledger"] = "_ledger/ledger.parquet"
     else:
         manifest["ledger_files"] = ledger.write_run_ledger(fs, run_dir, table,
-                                                           os.path.join(run_dir, "_tmp"))
+                                                           storage.join(run_dir, "_tmp"))
     for name in ("_manifest.json", "_SUCCESS"):
-        with open(os.path.join(run_dir, name), "w") as f:
+        with fs.open(storage.join(run_dir, name), "w") as f:
             json.dump(manifest, f)
 
 
@@ -271,3 +272,28 @@ def test_old_format_runs_still_decide_and_retry(tmp_path, small_row_groups):
         newest.update({u: f for u, f, s in rows if s == "ok"})
     assert sorted(zip(everything["uri"].to_pylist(), everything["fingerprint"].to_pylist())) \
         == sorted(newest.items())
+
+
+def test_decision_and_compaction_on_s3(monkeypatch, small_row_groups):
+    """The same on an object store (moto): no folders, the index written through s3fs."""
+    from s3_server import moto_s3
+
+    per_run, listing_fp = history(200, 3, seed=4)
+    with moto_s3() as s3:
+        for k, v in s3.env().items():
+            monkeypatch.setenv(k, v)
+        s3.make_bucket("feats")
+        out = "s3://feats/out"
+        publish(out, "a", per_run[0], 1, old_format=True)
+        publish(out, "b", per_run[1], 2)
+        expect = reference(per_run, listing_fp, [0, 1])[0]
+        todo, info = decide(out, listing_fp, range_entries=40, compact_after=2)
+        assert todo.tolist() == expect and info["compacted"] and info["ranges"] == 8
+        publish(out, "c", per_run[2], 3)
+        todo, info = decide(out, listing_fp, range_entries=40)
+        assert todo.tolist() == reference(per_run, listing_fp, [0, 1, 2])[0]
+        assert info["index_used"] and info["run_ledgers_read"] == 1
+        fs = s3.fs()
+        assert fs.ls("feats/out/_index/task=" + TASK) == [
+            f"feats/out/_index/task={TASK}/_current.json",
+            f"feats/out/_index/task={TASK}/" + ledger.load_index(fs, "feats/out", TASK)["generation"]]
