@@ -235,15 +235,13 @@ def _select_work(cfg: ExtractConfig, layout: runs.RunLayout, listing: pa.Table,
         todo &= ~done.to_numpy(zero_copy_only=False)
         skipped["resumed_from_earlier_attempt"] = int(state.committed.num_rows)
     if cfg.incremental:
-        t0 = time.perf_counter()
-        ledger = runs.read_ledgers(layout.fs, layout.root, task_fp, exclude_run=cfg.run_id)
-        mask, counts = runs.incremental_filter(listing, ledger)
+        mask, counts = runs.incremental_decision(layout.fs, layout.root, task_fp, listing,
+                                                 exclude_run=cfg.run_id)
         todo &= mask
-        skipped["incremental"] = {**counts, "ledger_entries": ledger.num_rows,
-                                  "decision_seconds": round(time.perf_counter() - t0, 3),
-                                  "reason": "same uri + content fingerprint already computed "
-                                  "by an earlier finished run with this model/weights/"
-                                  "preprocessing/task"}
+        skipped["incremental"] = {**counts,
+                                  "reason": "same uri + content fingerprint as the newest "
+                                  "earlier finished run with this model/weights/"
+                                  "preprocessing/task that computed it"}
     if cfg.retry_errors:
         mask, counts = runs.retry_filter(layout.fs, layout.root, cfg.retry_errors, listing)
         todo &= mask

@@ -4,12 +4,14 @@ Layout under OUTPUT (readers skip `_`-prefixed names, so only published rows are
 
     run=<id>/part-*.parquet        published rows (hive-style: datasets see a `run` column)
     run=<id>/_errors/part-*        error rows
-    run=<id>/_ledger/ledger.parquet   uri, fingerprint, status, file: sorted by uri; later
-                                   --incremental runs read two columns, never the embeddings
+    run=<id>/_ledger/h-*.parquet   h, uri, fingerprint, status, file: sorted by a URI hash
+                                   (`ledger.py`); --incremental streams them range by range,
+                                   reading three columns, never the embeddings
     run=<id>/_manifest.json        task fingerprint, file list, counts
     run=<id>/_summary.json, _SUCCESS   the summary; `_SUCCESS` is written last
     _staging/run=<id>/             the run while it is computed: parts + `_ledger/<part>`
                                    fragments (a part counts only once its fragment exists)
+    _index/task=<fp>/              the compacted ledger of earlier runs (`ledger.py`)
 
 A rerun of an unfinished run resumes: committed parts are kept and their inputs skipped before
 anything enters Ray. Publishing writes the manifest into staging first, then moves files in
@@ -33,11 +35,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from resnet_features import ledger as ledgers
 from resnet_features import storage
+from resnet_features.ledger import V1_LEDGER_FILE, incremental_filter
 from resnet_features.writer import ERRORS_DIR, EXPLAIN_PNG_DIR, LEDGER_DIR, LEDGER_SCHEMA, TMP_DIR
 
 __all__ = ["RunLayout", "RunState", "load_features", "task_identity", "incremental_filter",
-           "read_ledgers", "retry_filter", "hash_fingerprints", "finished_runs"]
+           "incremental_decision", "read_ledgers", "retry_filter", "hash_fingerprints",
+           "finished_runs"]
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +52,6 @@ ATTEMPTS_DIR = "_attempts"
 MANIFEST_FILE = "_manifest.json"
 SUMMARY_FILE = "_summary.json"
 SUCCESS_FILE = "_SUCCESS"
-LEDGER_FILE = "_ledger/ledger.parquet"  # a sub-folder: `run=*/*.parquet` globs stay data-only
-LEDGER_ROW_GROUP = 65_536
 
 
 def task_identity(spec, task: str, top_k: int) -> dict[str, Any]:
@@ -202,10 +205,9 @@ class RunLayout:
         the run is complete and `publish` (now or in a rerun) only moves files."""
         fs, staging = self.fs, self.staging
         tmp = storage.join(staging, TMP_DIR)
-        ledger = self._committed_ledger().sort_by("uri")
-        sink = pa.BufferOutputStream()
-        pq.write_table(ledger, sink, compression="zstd", row_group_size=LEDGER_ROW_GROUP)
-        _write_file(fs, storage.join(staging, LEDGER_FILE), sink.getvalue().to_pybytes(), tmp)
+        ledger = self._committed_ledger()
+        # In a sub-folder, so `run=*/*.parquet` globs stay data-only.
+        ledger_files = ledgers.write_run_ledger(fs, staging, ledger, tmp)
         files = sorted(set(ledger.filter(pc.equal(ledger["status"], "ok"))["file"].to_pylist()))
         errors = sorted(set(ledger.filter(pc.equal(ledger["status"], "error"))["file"]
                             .to_pylist()))
@@ -217,7 +219,9 @@ class RunLayout:
             "task": identity,
             "files": files,
             "error_files": errors,
-            "ledger": LEDGER_FILE,
+            "ledger": LEDGER_DIR,
+            "ledger_files": ledger_files,
+            "ledger_entries": ledger.num_rows,
             "rows": int(pc.sum(pc.equal(ledger["status"], "ok")).as_py() or 0),
             "errors": int(pc.sum(pc.equal(ledger["status"], "error")).as_py() or 0),
             "committed_at": _now(),
@@ -242,8 +246,9 @@ class RunLayout:
             log.warning("--overwrite: replacing the finished run %s", self.run_id)
             fs.makedirs(storage.join(self.root, TRASH_ROOT), exist_ok=True)
             fs.mv(final, trash, recursive=True)
-        order = (manifest["files"] + manifest["error_files"]
-                 + [LEDGER_FILE, SUMMARY_FILE, MANIFEST_FILE, SUCCESS_FILE])
+        ledger_files = [e["path"] for e in manifest.get("ledger_files", [])] or [V1_LEDGER_FILE]
+        order = (manifest["files"] + manifest["error_files"] + ledger_files
+                 + [SUMMARY_FILE, MANIFEST_FILE, SUCCESS_FILE])
         for sub in (ERRORS_DIR, LEDGER_DIR):
             fs.makedirs(storage.join(final, sub), exist_ok=True)
         pngs = storage.join(staging, EXPLAIN_PNG_DIR)  # --explain-png overlays, before _SUCCESS
@@ -302,37 +307,19 @@ def finished_runs(fs, root: str, *, include_failed: bool = False) -> list[RunInf
 # -- the ledger: what --incremental and --retry-errors decide from ----------------------------
 
 
+def incremental_decision(fs, root: str, task_fp: str, listing: pa.Table, *,
+                         exclude_run: str | None = None, **kw) -> tuple[np.ndarray, dict]:
+    """--incremental: mask of listing rows to compute and the counts for the summary, decided
+    hash range by hash range against earlier finished runs' ledgers (`ledger.py`)."""
+    return ledgers.decide_incremental(fs, root, finished_runs(fs, root), task_fp, listing,
+                                      exclude_run=exclude_run, **kw)
+
+
 def read_ledgers(fs, root: str, task_fp: str, *, exclude_run: str | None = None) -> pa.Table:
-    """`uri, fingerprint` of every input an earlier finished run with this task computed.
-
-    Reads only two columns of each run's compact, uri-sorted `_ledger.parquet` and pushes the
-    status filter down; never the embeddings."""
-    tables = []
-    for run in finished_runs(fs, root):
-        if run.run_id == exclude_run or run.manifest.get("task_fingerprint") != task_fp:
-            continue
-        tables.append(_read_parquet(fs, storage.join(run.path, LEDGER_FILE),
-                                    ["uri", "fingerprint"], [("status", "=", "ok")]))
-    if not tables:
-        return pa.table({"uri": pa.array([], pa.string()),
-                         "fingerprint": pa.array([], pa.string())})
-    return pa.concat_tables(tables)
-
-
-def incremental_filter(listing: pa.Table, ledger: pa.Table) -> tuple[np.ndarray, dict[str, int]]:
-    """Mask of listing rows to compute: those whose (uri, fingerprint) no earlier run holds.
-
-    Vectorised Arrow hash lookups (C++): time and memory linear in listing + ledger."""
-    def keys(t: pa.Table) -> pa.ChunkedArray:
-        return pc.binary_join_element_wise(t.column("uri"), t.column("fingerprint"), "\x00")
-
-    done = pc.is_in(keys(listing), value_set=keys(ledger).combine_chunks())
-    known = pc.is_in(listing.column("uri"), value_set=ledger.column("uri").combine_chunks())
-    done = done.to_numpy(zero_copy_only=False)
-    known = known.to_numpy(zero_copy_only=False)
-    counts = {"skipped_unchanged": int(done.sum()), "changed": int((known & ~done).sum()),
-              "new": int((~known).sum())}
-    return ~done, counts
+    """`uri, fingerprint` the decision compares against (the newest per URI), all in memory:
+    for inspection and the benchmark's baseline; the job streams (`incremental_decision`)."""
+    return ledgers.read_ledgers(fs, root, finished_runs(fs, root), task_fp,
+                                exclude_run=exclude_run)
 
 
 def retry_filter(fs, root: str, run_id: str, listing: pa.Table) -> tuple[np.ndarray, dict]:
@@ -341,12 +328,10 @@ def retry_filter(fs, root: str, run_id: str, listing: pa.Table) -> tuple[np.ndar
     if run_id not in runs:
         raise ValueError(f"--retry-errors {run_id}: no published run=<{run_id}> under {root}; "
                          f"published runs: {', '.join(sorted(runs)) or 'none'}")
-    failed = _read_parquet(fs, storage.join(runs[run_id].path, LEDGER_FILE), ["uri"],
-                           [("status", "=", "error")])
-    todo = pc.is_in(listing.column("uri"), value_set=failed.column("uri")).to_numpy(
-        zero_copy_only=False)
-    return todo, {"failed_in_run": failed.num_rows, "retried": int(todo.sum()),
-                  "failed_but_gone": int(failed.num_rows - todo.sum())}
+    failed = ledgers.failed_uris(fs, runs[run_id])
+    todo = pc.is_in(listing.column("uri"), value_set=failed).to_numpy(zero_copy_only=False)
+    return todo, {"failed_in_run": len(failed), "retried": int(todo.sum()),
+                  "failed_but_gone": int(len(failed) - todo.sum())}
 
 
 def hash_fingerprints(listing: pa.Table, storage_options: dict[str, Any] | None = None,
