@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import inspect
 import io
 import logging
 import posixpath
@@ -424,6 +425,14 @@ INPUT_FAULTS = (FileNotFoundError, IsADirectoryError, PermissionError, _Unreadab
 STORAGE_RETRIES = 3
 
 
+def _cat_kwargs(fs) -> dict[str, Any]:
+    """Per-request options for `cat_ranges` on `fs`. s3fs HEADs every object before a
+    whole-object GET, to split objects over 50 MB into concurrent range requests; images are far
+    smaller, and that HEAD would double the requests and the latency of every fetch."""
+    params = inspect.signature(fs._cat_file).parameters if hasattr(fs, "_cat_file") else {}
+    return {"max_concurrency": 1} if "max_concurrency" in params else {}
+
+
 class ReadBytes:
     """Batch stage: add `bytes` (each image's content) and `bytes_read`, fetched concurrently."""
 
@@ -451,7 +460,8 @@ class ReadBytes:
         n = len(paths)
         starts = starts if isinstance(starts, list) else [starts] * n
         ends = ends if isinstance(ends, list) else [ends] * n
-        results = fs.cat_ranges(paths, starts, ends, on_error="return")
+        kwargs = _cat_kwargs(fs)
+        results = fs.cat_ranges(paths, starts, ends, on_error="return", **kwargs)
         for attempt in range(self.retries + 1):
             todo = [i for i, v in enumerate(results)
                     if isinstance(v, BaseException) and not isinstance(v, INPUT_FAULTS)]
@@ -466,7 +476,7 @@ class ReadBytes:
                         len(todo), type(results[todo[0]]).__name__, attempt + 1, self.retries)
             time.sleep(self.backoff_s * 2 ** attempt)
             again = fs.cat_ranges([paths[i] for i in todo], [starts[i] for i in todo],
-                                  [ends[i] for i in todo], on_error="return")
+                                  [ends[i] for i in todo], on_error="return", **kwargs)
             for i, value in zip(todo, again):
                 results[i] = value
         return results

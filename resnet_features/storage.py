@@ -15,10 +15,20 @@ from fsspec.core import url_to_fs
 
 __all__ = ["filesystem", "join", "read_bytes", "strip_protocol", "full_uri", "write_json"]
 
+#: HTTP connections per s3fs client. A read task fetches a block of up to 64 objects at once;
+#: botocore's default pool of 10 would let only 10 of those requests wait on the store's
+#: latency at a time. A `config_kwargs.max_pool_connections` in --storage-options wins.
+S3_POOL_CONNECTIONS = 64
+
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
     """Return `(fs, path)` for a URI; `path` has no protocol."""
-    fs, path = url_to_fs(uri, **(storage_options or {}))
+    options = dict(storage_options or {})
+    if fsspec.core.split_protocol(uri)[0] in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("max_pool_connections", S3_POOL_CONNECTIONS)
+        options["config_kwargs"] = config
+    fs, path = url_to_fs(uri, **options)
     return fs, path
 
 
