@@ -215,16 +215,15 @@ def list_inputs(uri: str, spec: InputSpec | None = None,
 
 
 def listing_blocks(listing: Listing, group: int) -> list[pa.Table]:
-    """Slices of the listing, one per read task, of about `group` rows. Parquet blocks follow
-    row-group boundaries (small groups merged, big ones whole): a column chunk is the smallest
-    unit Parquet can fetch, so splitting a row group would re-read it once per block."""
+    """Slices of the listing, one per read task, of about `group` rows. Some rows are read
+    together or not at all, and their blocks follow those units (small ones merged, big ones
+    whole): a Parquet row group (a column chunk is the smallest unit Parquet can fetch) and a
+    .tar.gz shard (gzip has no random access), which would otherwise be re-read once per block."""
     table = listing.table
     n = table.num_rows
-    if listing.format != "parquet" or n == 0:
+    bounds = _unit_bounds(listing)
+    if bounds is None:
         return [table.slice(i, group) for i in range(0, n, group)]
-    src = table.column("source").to_numpy(zero_copy_only=False)
-    rg = table.column("length").to_numpy()
-    bounds = np.flatnonzero((src[1:] != src[:-1]) | (rg[1:] != rg[:-1])) + 1
     starts = [0, *bounds.tolist()]
     ends = [*bounds.tolist(), n]
     blocks, begin = [], 0
@@ -234,6 +233,22 @@ def listing_blocks(listing: Listing, group: int) -> list[pa.Table]:
             begin = start
     blocks.append(table.slice(begin, n - begin))
     return blocks
+
+
+def _unit_bounds(listing: Listing) -> np.ndarray | None:
+    """Row numbers where a new read unit starts, or None when every row stands alone."""
+    table = listing.table
+    if table.num_rows == 0 or listing.format not in ("parquet", "tar"):
+        return None
+    src = table.column("source").to_numpy(zero_copy_only=False)
+    changed = src[1:] != src[:-1]
+    if listing.format == "parquet":
+        rg = table.column("length").to_numpy()
+        return np.flatnonzero(changed | (rg[1:] != rg[:-1])) + 1
+    gz = np.fromiter((_is_gz(s) for s in src), dtype=bool, count=len(src))
+    if not gz.any():
+        return None
+    return np.flatnonzero(changed | ~gz[1:]) + 1
 
 
 def list_images(uri: str, storage_options: dict[str, Any] | None = None) -> Listing:
@@ -269,22 +284,88 @@ def _list_image_files(fs, files):
     return _table(uris, sizes, uris, [-1] * n, [-1] * n, fingerprints), None, skipped, {}
 
 
-def _tar_members(fs, path: str) -> list[tuple[str, int, int]]:
-    """`(name, data offset, size)` of each regular member, from the headers only (plain tar:
-    data is seeked over; .tar.gz: offsets are in the decompressed stream). Nothing is extracted,
-    so names such as `../x.jpg` are only strings."""
-    mode = "r:gz" if _is_gz(path) else "r:"
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode=mode) as tf:
-        return [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+#: Listing a plain tar shard reads its headers by range. While members are small (the header
+#: before this one was at most this far back), one request reads this much ahead, covering many
+#: headers; one more request (20-50 ms on an object store) costs more than streaming that far.
+TAR_READ_AHEAD = 1 << 20
+
+#: After a big member, only this much is read at the next header: its 512 bytes plus room for a
+#: pax or GNU long-name record in front of it. Big members are skipped, never read.
+TAR_HEADER_READ = 16 << 10
+
+
+class _HeaderReader(io.RawIOBase):
+    """A read-only file over an object that tarfile can walk, fetching byte ranges: tarfile
+    seeks over member data and reads headers only, so a shard of big members costs one small
+    request per member and a shard of small members a few big ones, never the whole shard twice.
+    `bytes_fetched` and `requests` say what it cost."""
+
+    def __init__(self, fs, path: str, size: int):
+        self.fs, self.path, self.size = fs, path, size
+        self.pos = 0
+        self.buf_start, self.buf = 0, b""
+        self.last_miss = None  # where the previous fetch started
+        self.bytes_fetched = self.requests = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        if self.pos >= end:
+            return b""
+        if not (self.buf_start <= self.pos and end <= self.buf_start + len(self.buf)):
+            stride = None if self.last_miss is None else self.pos - self.last_miss
+            ahead = TAR_READ_AHEAD if stride is not None and stride <= TAR_READ_AHEAD \
+                else TAR_HEADER_READ
+            stop = min(self.size, max(end, self.pos + ahead))
+            self.buf_start, self.buf = self.pos, self.fs.cat_file(self.path, start=self.pos, end=stop)
+            self.last_miss = self.pos
+            self.requests += 1
+            self.bytes_fetched += len(self.buf)
+        chunk = self.buf[self.pos - self.buf_start:end - self.buf_start]
+        self.pos += len(chunk)
+        return chunk
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+def _tar_members(fs, path: str, size: int) -> tuple[list[tuple[str, int, int]], int]:
+    """`(name, data offset, size)` of each regular member, and the bytes read to find them.
+    Plain tar: headers by range (`_HeaderReader`); .tar.gz: the whole stream, since gzip has no
+    random access (offsets are then in the decompressed stream). Nothing is extracted, so names
+    such as `../x.jpg` are only strings."""
+    if _is_gz(path):
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:gz") as tf:
+            return [(m.name, m.offset_data, m.size) for m in tf if m.isfile()], size
+    raw = _HeaderReader(fs, path, size)
+    with tarfile.open(fileobj=raw, mode="r:") as tf:
+        found = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+    return found, raw.bytes_fetched
 
 
 def _list_tar(fs, files):
-    shards = [p for p, *_ in files if _is_tar(p)]
+    shards = [(p, size) for p, size, _ in files if _is_tar(p)]
     skipped = len(files) - len(shards)
 
-    def members(path):
+    def members(shard):
+        path, size = shard
         try:
-            return _tar_members(fs, path)
+            return _tar_members(fs, path, size)
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             raise InputError(f"cannot read tar shard {storage.full_uri(fs, path)}: "
                              f"{type(exc).__name__}: {exc}") from exc
@@ -293,7 +374,7 @@ def _list_tar(fs, files):
         per_shard = list(pool.map(members, shards))
     shard_fp = {p: fp for p, _, fp in files}
     uris, sizes, sources, offsets, lengths, fingerprints = [], [], [], [], [], []
-    for path, found in zip(shards, per_shard):
+    for (path, _size), (found, _read) in zip(shards, per_shard):
         shard_uri = storage.full_uri(fs, path)
         for name, offset, size in found:
             if _extension(name) not in IMAGE_EXTENSIONS:
@@ -306,7 +387,7 @@ def _list_tar(fs, files):
             lengths.append(size)
             fingerprints.append(f"{shard_fp[path]}#{offset}")  # changes with the shard
     return (_table(uris, sizes, sources, offsets, lengths, fingerprints), None, skipped,
-            {"shards": len(shards)})
+            {"shards": len(shards), "bytes_read": sum(read for _, read in per_shard)})
 
 
 def _image_field(schema: pa.Schema, column: str) -> None:
@@ -421,6 +502,9 @@ class _Unreadable(ValueError):
 #: Errors that mean "this object is gone or unreadable", as opposed to "storage is unwell".
 INPUT_FAULTS = (FileNotFoundError, IsADirectoryError, PermissionError, _Unreadable)
 
+#: Formats whose listing has no image sizes: `size_bytes` is filled by `ReadBytes` from the bytes.
+SIZED_BY_READ = frozenset({"parquet", "manifest"})
+
 #: Extra attempts at objects whose fetch failed for a reason that is not the input's fault.
 STORAGE_RETRIES = 3
 
@@ -499,6 +583,10 @@ class ReadBytes:
                 self._read_objects(fs, sources, out, data)
         out["bytes"] = data
         out["bytes_read"] = np.array([len(d) for d in data], dtype=np.int64)
+        if self.input_format in SIZED_BY_READ or "size_bytes" not in out:
+            # The listing cannot know these sizes (a Parquet cell's length, a manifest entry's
+            # object is never stat'ed); the fetch does. Unreadable inputs stay 0.
+            out["size_bytes"] = out["bytes_read"].copy()
         return out
 
     @staticmethod
