@@ -142,10 +142,18 @@ def _kind(path: str) -> str | None:
     return None
 
 
+#: Protocols without a listing: an input there is one object (a manifest of image URLs, a tar
+#: shard, a Parquet file). fsspec would scrape the links of an HTML page as a "folder", or the
+#: URLs in a manifest's own text; neither is a listing to compute a run from.
+NO_LISTING = frozenset({"http", "https"})
+
+
 def _expand(uri: str, storage_options: dict[str, Any] | None):
     """`(fs, [(path, size)], single)`: a folder/prefix (recursive), a glob, or one object."""
     try:
         fs, root = storage.filesystem(uri, storage_options)
+        if storage.protocol(fs) in NO_LISTING:
+            return (fs, *_one_url(fs, root, uri))
         if any(c in root for c in "*?["):
             found = fs.glob(root, detail=True)
             if not found:
@@ -164,6 +172,21 @@ def _expand(uri: str, storage_options: dict[str, Any] | None):
     files = [(p, int(found[p].get("size") or 0), stat_fingerprint(found[p])) for p in sorted(found)
              if found[p].get("type", "file") == "file"]
     return fs, files, single
+
+
+def _one_url(fs, url: str, uri: str):
+    """An http(s) input: one object, never a folder or a glob ("?" starts a query there)."""
+    how = ("http(s) has no listing: point --input at one file, such as a manifest of image "
+           "URLs (.txt/.csv/.tsv/.lst, or Parquet with --input-format manifest), a tar shard "
+           "or a Parquet file")
+    if url.endswith("/"):
+        raise InputError(f"input {uri} is a folder; {how}")
+    if not fs.exists(url):
+        raise InputError(f"input {uri} does not exist")
+    info = fs.info(url)
+    if info.get("mimetype") == "text/html" and _kind(url.split("?", 1)[0]) is None:
+        raise InputError(f"input {uri} is a web page, not a file of images; {how}")
+    return [(url, int(info.get("size") or 0), stat_fingerprint(info))], True
 
 
 def detect_format(paths: list[str], single: bool) -> str:
@@ -330,7 +353,9 @@ class _HeaderReader(io.RawIOBase):
             ahead = TAR_READ_AHEAD if stride is not None and stride <= TAR_READ_AHEAD \
                 else TAR_HEADER_READ
             stop = min(self.size, max(end, self.pos + ahead))
-            self.buf_start, self.buf = self.pos, self.fs.cat_file(self.path, start=self.pos, end=stop)
+            self.buf_start = self.pos
+            self.buf = _ranged(self.fs.cat_file(self.path, start=self.pos, end=stop),
+                               self.path, self.pos, stop)
             self.last_miss = self.pos
             self.requests += 1
             self.bytes_fetched += len(self.buf)
@@ -342,6 +367,17 @@ class _HeaderReader(io.RawIOBase):
         data = self.read(len(b))
         b[:len(data)] = data
         return len(data)
+
+
+def _ranged(data, path: str, start: int, end: int):
+    """`data` fetched for bytes [start, end) of `path`, checked: a server that ignores range
+    requests (Python's http.server, some CDNs) answers with the whole object, and slicing that
+    as the range would yield other members' bytes as this one's."""
+    if isinstance(data, bytes) and len(data) > end - start:
+        raise OSError(f"{path}: the server ignored a byte-range request ({len(data)} bytes for "
+                      f"{end - start}); tar shards are read by range, so serve them from a "
+                      f"store that honours Range headers")
+    return data
 
 
 def _tar_members(fs, path: str, size: int) -> tuple[list[tuple[str, int, int]], int]:
@@ -634,7 +670,8 @@ class ReadBytes:
         requests += [(fs._strip_protocol(s), None, None) for s in gz]
         results = self._fetch(fs, [r[0] for r in requests], [r[1] for r in requests],
                               [r[2] for r in requests]) if requests else []
-        for (_, start, _end, rows), value in zip(runs, results):
+        for (source, start, end, rows), value in zip(runs, results):
+            value = _ranged(value, source, start, end)
             for i in rows:
                 if self._check(out, i, value):
                     self._member(out, data, i, value, int(offsets[i]) - start, int(lengths[i]))

@@ -13,7 +13,8 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-__all__ = ["filesystem", "join", "read_bytes", "strip_protocol", "full_uri", "write_json"]
+__all__ = ["filesystem", "join", "protocol", "read_bytes", "strip_protocol", "full_uri",
+           "write_json"]
 
 #: HTTP connections per s3fs client. A read task fetches a block of up to 64 objects at once;
 #: botocore's default pool of 10 would let only 10 of those requests wait on the store's
@@ -38,10 +39,11 @@ def strip_protocol(uri: str) -> str:
 
 def full_uri(fs, path: str) -> str:
     """The URI a user would recognise for a path on `fs` (`s3://bucket/key`, `/abs/path`)."""
-    return fs.unstrip_protocol(path) if _protocol(fs) != "file" else path
+    return fs.unstrip_protocol(path) if protocol(fs) != "file" else path
 
 
-def _protocol(fs) -> str:
+def protocol(fs) -> str:
+    """The filesystem's main protocol name: "file", "s3", "http", ..."""
     proto = fs.protocol
     return proto[0] if isinstance(proto, (tuple, list)) else proto
 
