@@ -307,27 +307,33 @@ def _list_image_files(fs, files):
     return _table(uris, sizes, uris, [-1] * n, [-1] * n, fingerprints), None, skipped, {}
 
 
-#: Listing a plain tar shard reads its headers by range. While members are small (the header
-#: before this one was at most this far back), one request reads this much ahead, covering many
-#: headers; one more request (20-50 ms on an object store) costs more than streaming that far.
-TAR_READ_AHEAD = 1 << 20
-
-#: After a big member, only this much is read at the next header: its 512 bytes plus room for a
-#: pax or GNU long-name record in front of it. Big members are skipped, never read.
+#: Listing a plain tar shard reads its headers by range. Each request reads this much at the
+#: next header: its 512 bytes plus room for a pax or GNU long-name record, and a few small
+#: members' headers.
 TAR_HEADER_READ = 16 << 10
+
+#: A header at most this far past what was read last follows a small member, and while they
+#: come, each request reads twice as far ahead as the one before: streaming a shard of small
+#: members beats one round trip (20-50 ms on an object store) per header. Past a bigger member
+#: the next request reads TAR_HEADER_READ again, so big members are skipped, never read.
+TAR_SMALL_MEMBER = 1 << 20
+
+#: The read-ahead stops doubling here: one listing thread holds at most this much of a shard.
+TAR_READ_AHEAD_MAX = 8 << 20
 
 
 class _HeaderReader(io.RawIOBase):
     """A read-only file over an object that tarfile can walk, fetching byte ranges: tarfile
     seeks over member data and reads headers only, so a shard of big members costs one small
-    request per member and a shard of small members a few big ones, never the whole shard twice.
-    `bytes_fetched` and `requests` say what it cost."""
+    request per member, and a shard of small members a few growing read-ahead requests (it is
+    read once, as streaming it is faster than a request per header). `bytes_fetched` and
+    `requests` say what it cost."""
 
     def __init__(self, fs, path: str, size: int):
         self.fs, self.path, self.size = fs, path, size
         self.pos = 0
         self.buf_start, self.buf = 0, b""
-        self.last_miss = None  # where the previous fetch started
+        self.ahead = TAR_HEADER_READ
         self.bytes_fetched = self.requests = 0
 
     def readable(self) -> bool:
@@ -348,15 +354,17 @@ class _HeaderReader(io.RawIOBase):
         end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
         if self.pos >= end:
             return b""
-        if not (self.buf_start <= self.pos and end <= self.buf_start + len(self.buf)):
-            stride = None if self.last_miss is None else self.pos - self.last_miss
-            ahead = TAR_READ_AHEAD if stride is not None and stride <= TAR_READ_AHEAD \
-                else TAR_HEADER_READ
-            stop = min(self.size, max(end, self.pos + ahead))
+        buf_end = self.buf_start + len(self.buf)
+        if not (self.buf_start <= self.pos and end <= buf_end):
+            # (A header that straddles the end of what was read counts as close.)
+            if self.buf and self.buf_start <= self.pos <= buf_end + TAR_SMALL_MEMBER:
+                self.ahead = min(TAR_READ_AHEAD_MAX, 2 * self.ahead)
+            else:
+                self.ahead = TAR_HEADER_READ
+            stop = min(self.size, max(end, self.pos + self.ahead))
             self.buf_start = self.pos
             self.buf = _ranged(self.fs.cat_file(self.path, start=self.pos, end=stop),
                                self.path, self.pos, stop)
-            self.last_miss = self.pos
             self.requests += 1
             self.bytes_fetched += len(self.buf)
         chunk = self.buf[self.pos - self.buf_start:end - self.buf_start]
