@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 
@@ -36,11 +37,13 @@ from s3_server import ACCESS_KEY, SECRET_KEY, S3Server  # noqa: E402
 
 BUCKET = "bench"
 
+log = logging.getLogger("bench_reader")
+
 
 @contextlib.contextmanager
 def servers(latency_ms: float):
     """moto and the latency proxy, each in its own process (never sharing the client's GIL);
-    yields (moto endpoint, proxy endpoint); both stopped by pid on exit."""
+    yields (moto endpoint, proxy endpoint, {"moto": pid, "proxy": pid}); both stopped on exit."""
     procs = []
     try:
         with socket.socket() as s:
@@ -63,12 +66,48 @@ def servers(latency_ms: float):
             [sys.executable, os.path.join(HERE, "latency_proxy.py"), "--upstream", upstream,
              "--latency-ms", str(latency_ms)], stdout=subprocess.PIPE, text=True)
         procs.append(proxy)
-        yield upstream, proxy.stdout.readline().strip()
+        yield upstream, proxy.stdout.readline().strip(), {"moto": moto.pid, "proxy": proxy.pid}
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), or None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proxy_stats(endpoint: str) -> dict:
+    from latency_proxy import STATS_PATH
+
+    with urllib.request.urlopen(endpoint + STATS_PATH, timeout=30) as r:
+        return json.load(r)
+
+
+def measured(name: str, fn, endpoint: str, prefix: str, pids: dict[str, int]) -> dict:
+    """Run one reader; add what it cost around it: requests and bytes through the proxy, CPU
+    seconds of the moto and proxy processes (they share this machine's cores with the reader)
+    and the load average before and after (other work on a shared machine shows there)."""
+    before, cpu0, load0 = proxy_stats(endpoint), {k: cpu_seconds(p) for k, p in pids.items()}, \
+        os.getloadavg()[0]
+    result = fn(endpoint, prefix)
+    after, cpu1 = proxy_stats(endpoint), {k: cpu_seconds(p) for k, p in pids.items()}
+    result["requests"] = {m: n - before["requests"].get(m, 0)
+                          for m, n in after["requests"].items()
+                          if n - before["requests"].get(m, 0)}
+    result["bytes_through_proxy"] = after["bytes_out"] - before["bytes_out"]
+    result["server_cpu_s"] = {k: round(cpu1[k] - cpu0[k], 2) for k in pids
+                              if cpu0[k] is not None and cpu1[k] is not None}
+    result["load_avg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+    log.info("%s done: %s", name, result)
+    return result
 
 
 def upload(server, n: int, min_kb: int, max_kb: int, seed: int = 0) -> int:
@@ -94,9 +133,11 @@ def s3fs_options(endpoint: str) -> dict:
 
 
 def bench_cat(endpoint: str, prefix: str) -> dict:
-    import s3fs
+    from resnet_features import storage
 
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3fs_options(endpoint))
+    # The job's own s3fs settings (connection pool), so the ceiling is not held back by them.
+    fs, _ = storage.filesystem(f"s3://{prefix}", {**s3fs_options(endpoint),
+                                                  "skip_instance_cache": True})
     paths = sorted(fs.find(prefix))  # listing not timed here: the ceiling is for fetching
     t0 = time.perf_counter()
     data = fs.cat(paths)
@@ -119,11 +160,7 @@ def bench_job_reader(endpoint: str, prefix: str) -> dict:
     ds = ray.data.from_arrow([table.slice(i, group) for i in range(0, table.num_rows, group)])
     ds = ds.map_batches(ReadBytes(opts, input_format="images"), batch_size=None,
                         batch_format="numpy", num_cpus=1)
-    n = nbytes = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        n += len(batch["index"])
-        nbytes += int(batch["bytes_read"].sum())
-        assert not any(batch["error_stage"]), "read errors in the benchmark"
+    n, nbytes = _consume(ds.map_batches(_sizes, batch_size=None, batch_format="numpy"))
     return {"objects": n, "bytes": nbytes, "seconds": time.perf_counter() - t0,
             "listing_seconds": listing.seconds, "group": group}
 
@@ -136,11 +173,24 @@ def bench_read_binary_files(endpoint: str, prefix: str) -> dict:
                            endpoint_override=endpoint, scheme="http")
     t0 = time.perf_counter()
     ds = ray.data.read_binary_files(prefix, filesystem=fs)
+    n, nbytes = _consume(ds.map_batches(_sizes, batch_size=None, batch_format="numpy"))
+    return {"objects": n, "bytes": nbytes, "seconds": time.perf_counter() - t0}
+
+
+def _sizes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each object's size, computed in the read task (fused with it), as the job's decode is:
+    the bytes never travel to the driver, for either reader."""
+    if "error_stage" in batch:
+        assert not any(batch["error_stage"]), "read errors in the benchmark"
+    return {"size": np.array([len(b) for b in batch["bytes"]], dtype=np.int64)}
+
+
+def _consume(ds) -> tuple[int, int]:
     n = nbytes = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        n += len(batch["bytes"])
-        nbytes += sum(len(b) for b in batch["bytes"])
-    return {"objects": n, "bytes": nbytes, "seconds": time.perf_counter() - t0}
+        n += len(batch["size"])
+        nbytes += int(batch["size"].sum())
+    return n, nbytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
-    with servers(args.latency_ms) as (upstream, endpoint):
+    with servers(args.latency_ms) as (upstream, endpoint, pids):
         total = upload(S3Server(upstream), args.objects, args.min_kb, args.max_kb)
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
                  logging_level=logging.WARNING)
@@ -165,11 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             # Warm-up: start Ray's workers and import s3fs in them before any timing.
             ray.data.range(64, override_num_blocks=8).map_batches(_warm_up).materialize()
             prefix = f"{BUCKET}/objects"
-            results = {
-                "fsspec_cat": bench_cat(endpoint, prefix),
-                "job_reader": bench_job_reader(endpoint, prefix),
-                "read_binary_files": bench_read_binary_files(endpoint, prefix),
-            }
+            readers = {"fsspec_cat": bench_cat, "job_reader": bench_job_reader,
+                       "read_binary_files": bench_read_binary_files}
+            results = {name: measured(name, fn, endpoint, prefix, pids)
+                       for name, fn in readers.items()}
         finally:
             ray.shutdown()
     for name, r in results.items():
@@ -189,9 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         ">=0.5x fsspec cat bandwidth": summary["job_vs_fsspec_cat_bandwidth"] >= 0.5,
     }
     print(f"{args.objects} objects, {total / 1e6:.1f} MB, {args.latency_ms:g} ms per request")
-    print(f"{'reader':<20}{'seconds':>10}{'objects/s':>12}{'MB/s':>10}")
+    print(f"{'reader':<20}{'seconds':>10}{'objects/s':>12}{'MB/s':>10}{'GET':>7}{'HEAD':>7}"
+          f"{'moto cpu s':>12}{'proxy cpu s':>13}{'load avg':>14}")
     for name, r in results.items():
-        print(f"{name:<20}{r['seconds']:>10.2f}{r['objects_per_s']:>12.1f}{r['mb_per_s']:>10.2f}")
+        req, cpu = r["requests"], r["server_cpu_s"]
+        load = "{:.1f} -> {:.1f}".format(*r["load_avg_1m"])
+        print(f"{name:<20}{r['seconds']:>10.2f}{r['objects_per_s']:>12.1f}{r['mb_per_s']:>10.2f}"
+              f"{req.get('GET', 0):>7}{req.get('HEAD', 0):>7}{cpu.get('moto', -1):>12.1f}"
+              f"{cpu.get('proxy', -1):>13.1f}{load:>14}")
     print(f"job_reader / read_binary_files: {summary['job_vs_read_binary_files']:.2f}x; "
           f"job_reader / fsspec_cat bandwidth: {summary['job_vs_fsspec_cat_bandwidth']:.2f}")
     print(json.dumps(summary, indent=2, sort_keys=True))

@@ -3,7 +3,9 @@ store's 20-50 ms per GET, which a loopback S3 server (moto) would otherwise hide
 
 from __future__ import annotations
 
+import collections
 import http.client
+import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,13 +20,22 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
 
+#: GET this path on the proxy for its counters (JSON), without delay or forwarding.
+STATS_PATH = "/__latency_proxy__/stats"
+
+
 class LatencyProxy:
-    """`with LatencyProxy("http://127.0.0.1:PORT", latency_ms=20) as url:` -> the proxy's URL."""
+    """`with LatencyProxy("http://127.0.0.1:PORT", latency_ms=20) as url:` -> the proxy's URL.
+
+    It counts what passes: requests by method, range requests and response body bytes
+    (`stats()`, or GET `STATS_PATH` when it runs in its own process)."""
 
     def __init__(self, upstream: str, latency_ms: float = 20.0):
         self.upstream = urlsplit(upstream)
         self.latency = latency_ms / 1000.0
-        self.requests = 0
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.ranged = 0
+        self.bytes_out = 0
         self._lock = threading.Lock()
         self._local = threading.local()
         proxy = self
@@ -36,10 +47,10 @@ class LatencyProxy:
                 pass
 
             def _forward(self):
+                if self.path == STATS_PATH:
+                    return self._stats()
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                with proxy._lock:
-                    proxy.requests += 1
                 time.sleep(proxy.latency)
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in HOP_HEADERS}
@@ -56,6 +67,18 @@ class LatencyProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                with proxy._lock:
+                    proxy.requests[self.command] += 1
+                    proxy.ranged += "Range" in self.headers
+                    proxy.bytes_out += len(data) if self.command != "HEAD" else 0
+
+            def _stats(self):
+                data = json.dumps(proxy.stats()).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 
@@ -81,6 +104,12 @@ class LatencyProxy:
                 if attempt:
                     raise
         raise AssertionError("unreachable")
+
+    def stats(self) -> dict:
+        """Counters since start: requests by method, range requests, response body bytes."""
+        with self._lock:
+            return {"requests": dict(self.requests), "ranged": self.ranged,
+                    "bytes_out": self.bytes_out}
 
     def __enter__(self) -> str:
         self._thread.start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import inspect
 import io
 import logging
 import posixpath
@@ -141,10 +142,18 @@ def _kind(path: str) -> str | None:
     return None
 
 
+#: Protocols without a listing: an input there is one object (a manifest of image URLs, a tar
+#: shard, a Parquet file). fsspec would scrape the links of an HTML page as a "folder", or the
+#: URLs in a manifest's own text; neither is a listing to compute a run from.
+NO_LISTING = frozenset({"http", "https"})
+
+
 def _expand(uri: str, storage_options: dict[str, Any] | None):
     """`(fs, [(path, size)], single)`: a folder/prefix (recursive), a glob, or one object."""
     try:
         fs, root = storage.filesystem(uri, storage_options)
+        if storage.protocol(fs) in NO_LISTING:
+            return (fs, *_one_url(fs, root, uri))
         if any(c in root for c in "*?["):
             found = fs.glob(root, detail=True)
             if not found:
@@ -163,6 +172,21 @@ def _expand(uri: str, storage_options: dict[str, Any] | None):
     files = [(p, int(found[p].get("size") or 0), stat_fingerprint(found[p])) for p in sorted(found)
              if found[p].get("type", "file") == "file"]
     return fs, files, single
+
+
+def _one_url(fs, url: str, uri: str):
+    """An http(s) input: one object, never a folder or a glob ("?" starts a query there)."""
+    how = ("http(s) has no listing: point --input at one file, such as a manifest of image "
+           "URLs (.txt/.csv/.tsv/.lst, or Parquet with --input-format manifest), a tar shard "
+           "or a Parquet file")
+    if url.endswith("/"):
+        raise InputError(f"input {uri} is a folder; {how}")
+    if not fs.exists(url):
+        raise InputError(f"input {uri} does not exist")
+    info = fs.info(url)
+    if info.get("mimetype") == "text/html" and _kind(url.split("?", 1)[0]) is None:
+        raise InputError(f"input {uri} is a web page, not a file of images; {how}")
+    return [(url, int(info.get("size") or 0), stat_fingerprint(info))], True
 
 
 def detect_format(paths: list[str], single: bool) -> str:
@@ -214,16 +238,15 @@ def list_inputs(uri: str, spec: InputSpec | None = None,
 
 
 def listing_blocks(listing: Listing, group: int) -> list[pa.Table]:
-    """Slices of the listing, one per read task, of about `group` rows. Parquet blocks follow
-    row-group boundaries (small groups merged, big ones whole): a column chunk is the smallest
-    unit Parquet can fetch, so splitting a row group would re-read it once per block."""
+    """Slices of the listing, one per read task, of about `group` rows. Some rows are read
+    together or not at all, and their blocks follow those units (small ones merged, big ones
+    whole): a Parquet row group (a column chunk is the smallest unit Parquet can fetch) and a
+    .tar.gz shard (gzip has no random access), which would otherwise be re-read once per block."""
     table = listing.table
     n = table.num_rows
-    if listing.format != "parquet" or n == 0:
+    bounds = _unit_bounds(listing)
+    if bounds is None:
         return [table.slice(i, group) for i in range(0, n, group)]
-    src = table.column("source").to_numpy(zero_copy_only=False)
-    rg = table.column("length").to_numpy()
-    bounds = np.flatnonzero((src[1:] != src[:-1]) | (rg[1:] != rg[:-1])) + 1
     starts = [0, *bounds.tolist()]
     ends = [*bounds.tolist(), n]
     blocks, begin = [], 0
@@ -233,6 +256,22 @@ def listing_blocks(listing: Listing, group: int) -> list[pa.Table]:
             begin = start
     blocks.append(table.slice(begin, n - begin))
     return blocks
+
+
+def _unit_bounds(listing: Listing) -> np.ndarray | None:
+    """Row numbers where a new read unit starts, or None when every row stands alone."""
+    table = listing.table
+    if table.num_rows == 0 or listing.format not in ("parquet", "tar"):
+        return None
+    src = table.column("source").to_numpy(zero_copy_only=False)
+    changed = src[1:] != src[:-1]
+    if listing.format == "parquet":
+        rg = table.column("length").to_numpy()
+        return np.flatnonzero(changed | (rg[1:] != rg[:-1])) + 1
+    gz = np.fromiter((_is_gz(s) for s in src), dtype=bool, count=len(src))
+    if not gz.any():
+        return None
+    return np.flatnonzero(changed | ~gz[1:]) + 1
 
 
 def list_images(uri: str, storage_options: dict[str, Any] | None = None) -> Listing:
@@ -268,22 +307,109 @@ def _list_image_files(fs, files):
     return _table(uris, sizes, uris, [-1] * n, [-1] * n, fingerprints), None, skipped, {}
 
 
-def _tar_members(fs, path: str) -> list[tuple[str, int, int]]:
-    """`(name, data offset, size)` of each regular member, from the headers only (plain tar:
-    data is seeked over; .tar.gz: offsets are in the decompressed stream). Nothing is extracted,
-    so names such as `../x.jpg` are only strings."""
-    mode = "r:gz" if _is_gz(path) else "r:"
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode=mode) as tf:
-        return [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+#: Listing a plain tar shard reads its headers by range. Each request reads this much at the
+#: next header: its 512 bytes plus room for a pax or GNU long-name record, and a few small
+#: members' headers.
+TAR_HEADER_READ = 16 << 10
+
+#: A header at most this far past what was read last follows a small member, and while they
+#: come, each request reads twice as far ahead as the one before: streaming a shard of small
+#: members beats one round trip (20-50 ms on an object store) per header. Past a bigger member
+#: the next request reads TAR_HEADER_READ again, so big members are skipped, never read.
+TAR_SMALL_MEMBER = 1 << 20
+
+#: The read-ahead stops doubling here: one listing thread holds at most this much of a shard.
+TAR_READ_AHEAD_MAX = 8 << 20
+
+
+class _HeaderReader(io.RawIOBase):
+    """A read-only file over an object that tarfile can walk, fetching byte ranges: tarfile
+    seeks over member data and reads headers only, so a shard of big members costs one small
+    request per member, and a shard of small members a few growing read-ahead requests (it is
+    read once, as streaming it is faster than a request per header). `bytes_fetched` and
+    `requests` say what it cost."""
+
+    def __init__(self, fs, path: str, size: int):
+        self.fs, self.path, self.size = fs, path, size
+        self.pos = 0
+        self.buf_start, self.buf = 0, b""
+        self.ahead = TAR_HEADER_READ
+        self.bytes_fetched = self.requests = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        if self.pos >= end:
+            return b""
+        buf_end = self.buf_start + len(self.buf)
+        if not (self.buf_start <= self.pos and end <= buf_end):
+            # (A header that straddles the end of what was read counts as close.)
+            if self.buf and self.buf_start <= self.pos <= buf_end + TAR_SMALL_MEMBER:
+                self.ahead = min(TAR_READ_AHEAD_MAX, 2 * self.ahead)
+            else:
+                self.ahead = TAR_HEADER_READ
+            stop = min(self.size, max(end, self.pos + self.ahead))
+            self.buf_start = self.pos
+            self.buf = _ranged(self.fs.cat_file(self.path, start=self.pos, end=stop),
+                               self.path, self.pos, stop)
+            self.requests += 1
+            self.bytes_fetched += len(self.buf)
+        chunk = self.buf[self.pos - self.buf_start:end - self.buf_start]
+        self.pos += len(chunk)
+        return chunk
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+def _ranged(data, path: str, start: int, end: int):
+    """`data` fetched for bytes [start, end) of `path`, checked: a server that ignores range
+    requests (Python's http.server, some CDNs) answers with the whole object, and slicing that
+    as the range would yield other members' bytes as this one's."""
+    if isinstance(data, bytes) and len(data) > end - start:
+        raise OSError(f"{path}: the server ignored a byte-range request ({len(data)} bytes for "
+                      f"{end - start}); tar shards are read by range, so serve them from a "
+                      f"store that honours Range headers")
+    return data
+
+
+def _tar_members(fs, path: str, size: int) -> tuple[list[tuple[str, int, int]], int]:
+    """`(name, data offset, size)` of each regular member, and the bytes read to find them.
+    Plain tar: headers by range (`_HeaderReader`); .tar.gz: the whole stream, since gzip has no
+    random access (offsets are then in the decompressed stream). Nothing is extracted, so names
+    such as `../x.jpg` are only strings."""
+    if _is_gz(path):
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:gz") as tf:
+            return [(m.name, m.offset_data, m.size) for m in tf if m.isfile()], size
+    raw = _HeaderReader(fs, path, size)
+    with tarfile.open(fileobj=raw, mode="r:") as tf:
+        found = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+    return found, raw.bytes_fetched
 
 
 def _list_tar(fs, files):
-    shards = [p for p, *_ in files if _is_tar(p)]
+    shards = [(p, size) for p, size, _ in files if _is_tar(p)]
     skipped = len(files) - len(shards)
 
-    def members(path):
+    def members(shard):
+        path, size = shard
         try:
-            return _tar_members(fs, path)
+            return _tar_members(fs, path, size)
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             raise InputError(f"cannot read tar shard {storage.full_uri(fs, path)}: "
                              f"{type(exc).__name__}: {exc}") from exc
@@ -292,7 +418,7 @@ def _list_tar(fs, files):
         per_shard = list(pool.map(members, shards))
     shard_fp = {p: fp for p, _, fp in files}
     uris, sizes, sources, offsets, lengths, fingerprints = [], [], [], [], [], []
-    for path, found in zip(shards, per_shard):
+    for (path, _size), (found, _read) in zip(shards, per_shard):
         shard_uri = storage.full_uri(fs, path)
         for name, offset, size in found:
             if _extension(name) not in IMAGE_EXTENSIONS:
@@ -305,7 +431,7 @@ def _list_tar(fs, files):
             lengths.append(size)
             fingerprints.append(f"{shard_fp[path]}#{offset}")  # changes with the shard
     return (_table(uris, sizes, sources, offsets, lengths, fingerprints), None, skipped,
-            {"shards": len(shards)})
+            {"shards": len(shards), "bytes_read": sum(read for _, read in per_shard)})
 
 
 def _image_field(schema: pa.Schema, column: str) -> None:
@@ -420,8 +546,19 @@ class _Unreadable(ValueError):
 #: Errors that mean "this object is gone or unreadable", as opposed to "storage is unwell".
 INPUT_FAULTS = (FileNotFoundError, IsADirectoryError, PermissionError, _Unreadable)
 
+#: Formats whose listing has no image sizes: `size_bytes` is filled by `ReadBytes` from the bytes.
+SIZED_BY_READ = frozenset({"parquet", "manifest"})
+
 #: Extra attempts at objects whose fetch failed for a reason that is not the input's fault.
 STORAGE_RETRIES = 3
+
+
+def _cat_kwargs(fs) -> dict[str, Any]:
+    """Per-request options for `cat_ranges` on `fs`. s3fs HEADs every object before a
+    whole-object GET, to split objects over 50 MB into concurrent range requests; images are far
+    smaller, and that HEAD would double the requests and the latency of every fetch."""
+    params = inspect.signature(fs._cat_file).parameters if hasattr(fs, "_cat_file") else {}
+    return {"max_concurrency": 1} if "max_concurrency" in params else {}
 
 
 class ReadBytes:
@@ -451,7 +588,8 @@ class ReadBytes:
         n = len(paths)
         starts = starts if isinstance(starts, list) else [starts] * n
         ends = ends if isinstance(ends, list) else [ends] * n
-        results = fs.cat_ranges(paths, starts, ends, on_error="return")
+        kwargs = _cat_kwargs(fs)
+        results = fs.cat_ranges(paths, starts, ends, on_error="return", **kwargs)
         for attempt in range(self.retries + 1):
             todo = [i for i, v in enumerate(results)
                     if isinstance(v, BaseException) and not isinstance(v, INPUT_FAULTS)]
@@ -466,7 +604,7 @@ class ReadBytes:
                         len(todo), type(results[todo[0]]).__name__, attempt + 1, self.retries)
             time.sleep(self.backoff_s * 2 ** attempt)
             again = fs.cat_ranges([paths[i] for i in todo], [starts[i] for i in todo],
-                                  [ends[i] for i in todo], on_error="return")
+                                  [ends[i] for i in todo], on_error="return", **kwargs)
             for i, value in zip(todo, again):
                 results[i] = value
         return results
@@ -489,6 +627,10 @@ class ReadBytes:
                 self._read_objects(fs, sources, out, data)
         out["bytes"] = data
         out["bytes_read"] = np.array([len(d) for d in data], dtype=np.int64)
+        if self.input_format in SIZED_BY_READ or "size_bytes" not in out:
+            # The listing cannot know these sizes (a Parquet cell's length, a manifest entry's
+            # object is never stat'ed); the fetch does. Unreadable inputs stay 0.
+            out["size_bytes"] = out["bytes_read"].copy()
         return out
 
     @staticmethod
@@ -536,7 +678,8 @@ class ReadBytes:
         requests += [(fs._strip_protocol(s), None, None) for s in gz]
         results = self._fetch(fs, [r[0] for r in requests], [r[1] for r in requests],
                               [r[2] for r in requests]) if requests else []
-        for (_, start, _end, rows), value in zip(runs, results):
+        for (source, start, end, rows), value in zip(runs, results):
+            value = _ranged(value, source, start, end)
             for i in rows:
                 if self._check(out, i, value):
                     self._member(out, data, i, value, int(offsets[i]) - start, int(lengths[i]))

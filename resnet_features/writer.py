@@ -302,7 +302,9 @@ class PartWriter:
                 "stage": rows["error_stage"].astype(str).tolist(),
                 "error_type": rows["error_type"].astype(str).tolist(),
                 "message": rows["error_message"].astype(str).tolist(),
-                "size_bytes": self.size_bytes[rows["index"]].astype(np.int64),
+                # The reader's size where it knows better (Parquet cells, manifest entries).
+                "size_bytes": (rows["size_bytes"] if "size_bytes" in rows
+                               else self.size_bytes[rows["index"]]).astype(np.int64),
             },
             schema=self.error_schema,
         )

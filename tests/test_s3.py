@@ -29,9 +29,13 @@ from s3_server import SECRET_KEY, moto_s3
 
 from resnet_features.config import config_from_args, get_args_parser
 from resnet_features.pipeline import run
+from resnet_features.reader import InputSpec, ReadBytes, list_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 BUCKET = "data"
+
+from latency_proxy import LatencyProxy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +138,74 @@ def outputs(s3, dataset, resnet18_weights, ray_local):
             results[fmt] = _read_output(fs, out)
         return results[fmt]
     return get
+
+
+@pytest.fixture()
+def counted(s3):
+    """The moto server behind a counting proxy (no added latency): `(proxy, storage options)`;
+    the options skip fsspec's instance cache, so no listing cache hides a request."""
+    proxy = LatencyProxy(s3.endpoint, latency_ms=0)
+    with proxy as url:
+        opts = {**s3.storage_options(), "skip_instance_cache": True}
+        opts["client_kwargs"] = {**opts["client_kwargs"], "endpoint_url": url}
+        yield proxy, opts
+
+
+def _delta(proxy, before: dict) -> dict:
+    after = proxy.stats()
+    return {"requests": {m: n - before["requests"].get(m, 0) for m, n in after["requests"].items()
+                         if n - before["requests"].get(m, 0)},
+            "bytes": after["bytes_out"] - before["bytes_out"],
+            "ranged": after["ranged"] - before["ranged"]}
+
+
+def _members(prefix: str, sizes: list[int]) -> list[tuple[str, bytes]]:
+    return [(f"{prefix}{i:04d}.jpg", os.urandom(n)) for i, n in enumerate(sizes)]
+
+
+def test_tar_listing_reads_headers_not_shards(s3, counted):
+    """Listing a plain tar shard reads its headers by range: a shard of big members costs a
+    small read per member (not the 12 MB shard), one of small members a few growing read-ahead
+    requests (not one per member; it is read once, which beats 1,600 round trips)."""
+    proxy, opts = counted
+    fs = s3.fs()
+    big = _members("big/", [3 << 20] * 4)  # 12 MB: skipped over
+    small = _members("small/", [5000] * 1600)  # 9 MB of headers and data: read through
+    fs.pipe(f"{BUCKET}/tarlist/big.tar", _tar(big))
+    fs.pipe(f"{BUCKET}/tarlist/small.tar", small_tar := _tar(small))
+    for shard, members, max_bytes, max_ranges in (
+            ("big.tar", big, 100_000, 5), ("small.tar", small, len(small_tar) + 20_000, 11)):
+        before = proxy.stats()
+        listing = list_inputs(f"s3://{BUCKET}/tarlist/{shard}", InputSpec(), opts)
+        cost = _delta(proxy, before)
+        names = [u.rsplit("#", 1)[1] for u in listing.table.column("uri").to_pylist()]
+        assert names == [n for n, _ in members]
+        assert listing.table.column("size_bytes").to_pylist() == [len(d) for _, d in members]
+        # big: 5 header reads of 16 KB (4 members and the end), not the 12.5 MB shard;
+        # small: 10 requests of 16 KB, 32 KB, ... 4 MB, 8 MB for the 9 MB shard, not 1,600.
+        assert cost["bytes"] <= max_bytes, (shard, cost)
+        assert cost["ranged"] <= max_ranges, (shard, cost)
+        assert listing.notes["bytes_read"] <= cost["bytes"]
+        # The offsets are right: the members read back by range are the members written.
+        out = ReadBytes(opts, input_format="tar")(
+            {k: listing.table.column(k).to_numpy(zero_copy_only=False)
+             for k in listing.table.column_names})
+        assert list(out["bytes"]) == [d for _, d in members]
+
+
+def test_one_get_per_object(s3, counted):
+    """Whole objects are fetched with one GET each: no HEAD in front (s3fs makes one to decide
+    on a chunked download unless told not to), so 20-50 ms of store latency is paid once."""
+    proxy, opts = counted
+    fs = s3.fs()
+    blobs = {f"{BUCKET}/gets/{i:03d}.jpg": os.urandom(1000 + i) for i in range(40)}
+    fs.pipe(blobs)
+    listing = list_inputs(f"s3://{BUCKET}/gets/", InputSpec(), opts)
+    t = listing.table
+    before = proxy.stats()
+    out = ReadBytes(opts)({k: t.column(k).to_numpy(zero_copy_only=False) for k in t.column_names})
+    assert list(out["bytes"]) == list(blobs.values())
+    assert _delta(proxy, before)["requests"] == {"GET": 40}
 
 
 def _embeddings_by_photo(fmt: str, rows: pa.Table, names: list[str]) -> np.ndarray:

@@ -65,6 +65,18 @@ def test_parts_by_index_whatever_the_arrival_order(spec, tmp_path):
     assert not (tmp_path / "_staging").exists()
 
 
+def test_error_rows_carry_the_size_the_reader_found(spec, tmp_path):
+    """Parquet cells and manifest entries are listed with size 0; the reader's size wins."""
+    w = PartWriter(str(tmp_path), spec=spec, task="embed", listing=listing(2), rows_per_file=2,
+                   file_metadata={})
+    batch = result_batch([0, 1], fail={1})
+    batch["size_bytes"] = np.array([0, 12345], dtype=np.int64)
+    w.add(batch)
+    w.close()
+    err = pq.read_table(tmp_path / "_errors" / "part-00000.parquet")
+    assert err.column("size_bytes").to_pylist() == [12345]
+
+
 def test_missing_rows_are_reported_not_dropped(spec, tmp_path):
     w = PartWriter(str(tmp_path), spec=spec, task="embed", listing=listing(5), rows_per_file=4,
                    file_metadata={})
