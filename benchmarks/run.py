@@ -263,6 +263,21 @@ def _busy_window(log_path: str) -> tuple[float, int]:
     return max(r[1] for r in rows) - min(r[0] for r in rows), int(sum(r[2] for r in rows))
 
 
+def _warm_window(log_path: str) -> tuple[float, int]:
+    """The busy window after the model's first call: the bare forward pass is timed after a
+    warm-up call too (a process's first forward builds oneDNN's kernels)."""
+    rows = sorted(tuple(map(float, line.split())) for line in open(log_path))
+    return rows[-1][1] - rows[0][1], int(sum(r[2] for r in rows[1:]))
+
+
+def _window_figures(log_path: str, n: int, wall: float) -> dict:
+    busy, _ = _busy_window(log_path)
+    warm, warm_n = _warm_window(log_path)
+    return {"images": n, "wall_s": round(wall, 2), "images_per_s_wall": round(n / wall, 2),
+            "model_busy_window_s": round(busy, 2), "images_per_s_busy": round(n / busy, 2),
+            "images_per_s_warm": round(warm_n / warm, 2)}
+
+
 def run_job(folder: str, out: str, model: str, weights_path: str, batch_size: int,
             log_path: str, extra: list[str]) -> dict:
     from resnet_features.config import config_from_args, get_args_parser
@@ -276,9 +291,7 @@ def run_job(folder: str, out: str, model: str, weights_path: str, batch_size: in
     wall = time.perf_counter() - t0
     if result.exit_code != 0 or result.summary["failed"]:
         raise RuntimeError(f"job failed: {result.reason}")
-    busy, n = _busy_window(log_path)
-    return {"images": n, "wall_s": round(wall, 2), "images_per_s_wall": round(n / wall, 2),
-            "model_busy_window_s": round(busy, 2), "images_per_s_busy": round(n / busy, 2)}
+    return _window_figures(log_path, _busy_window(log_path)[1], wall)
 
 
 def run_usual_ray(folder: str, model: str, weights_path: str, batch_size: int,
@@ -313,10 +326,7 @@ def run_usual_ray(folder: str, model: str, weights_path: str, batch_size: int,
     ds = ds.map_batches(Predictor, compute=ray.data.ActorPoolStrategy(size=1),
                         batch_size=batch_size, num_cpus=1)
     n = sum(len(b["class"]) for b in ds.iter_batches(batch_size=None))
-    wall = time.perf_counter() - t0
-    busy, _ = _busy_window(log_path)
-    return {"images": n, "wall_s": round(wall, 2), "images_per_s_wall": round(n / wall, 2),
-            "model_busy_window_s": round(busy, 2), "images_per_s_busy": round(n / busy, 2)}
+    return _window_figures(log_path, n, time.perf_counter() - t0)
 
 
 def bench_e2e(corpus: dict[str, list], workdir: str, model: str, weights_path: str,
@@ -335,37 +345,47 @@ def bench_e2e(corpus: dict[str, list], workdir: str, model: str, weights_path: s
              include_dashboard=False, logging_level=logging.WARNING)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        results = {}
-        # Interleaved: bare forward, job, usual, bare forward, job; the job's and the bare
-        # forward's figures are the better of their two runs (noise only ever slows a run).
-        for i, name in enumerate(("forward", "job", "usual_ray_data", "forward", "job")):
-            if name == "forward":
-                r = forward_fn()
-                if r["images_per_s"] > results.get("forward", {}).get("images_per_s", 0):
-                    results["forward"] = r
-                continue
+        # Paired runs: a bare forward pass right before and after every job run, each job
+        # compared with the mean of its two neighbours (this VM's speed drifts by tens of
+        # percent within minutes); the usual pattern once, also between two bare passes.
+        forwards, jobs, usual = [forward_fn()], [], None
+        for i, name in enumerate(("job", "usual_ray_data", "job")):
             log_path = os.path.join(workdir, f"e2e_{i}.log")
             if os.path.exists(log_path):
                 os.remove(log_path)
             log.info("e2e: %s", name)
             if name == "job":
-                r = run_job(folder, os.path.join(workdir, "e2e_out"), model, weights_path,
-                            batch_size, log_path, [])
-                prev = results.get("job")
-                if prev is None or r["images_per_s_busy"] > prev["images_per_s_busy"]:
-                    results["job"] = r
+                jobs.append(run_job(folder, os.path.join(workdir, "e2e_out"), model,
+                                    weights_path, batch_size, log_path, []))
             else:
-                results[name] = run_usual_ray(folder, model, weights_path, batch_size, log_path)
+                usual = run_usual_ray(folder, model, weights_path, batch_size, log_path)
+            forwards.append(forward_fn())
     finally:
         ray.shutdown()
-    job, usual, forward = results["job"], results["usual_ray_data"], results["forward"]
-    results["ratios"] = {
-        "job_busy_vs_bare_forward": round(job["images_per_s_busy"] / forward["images_per_s"], 3),
-        "job_wall_vs_bare_forward": round(job["images_per_s_wall"] / forward["images_per_s"], 3),
-        "job_vs_usual_ray_data_busy": round(job["images_per_s_busy"]
-                                            / usual["images_per_s_busy"], 2),
-        "job_vs_usual_ray_data_wall": round(job["images_per_s_wall"]
-                                            / usual["images_per_s_wall"], 2),
+    fw = [f["images_per_s"] for f in forwards]
+    paired = []  # (job, bare forward around it)
+    for i, j in ((0, jobs[0]), (2, jobs[1])):
+        paired.append((j, (fw[i] + fw[i + 1]) / 2))
+    usual_fw = (fw[1] + fw[2]) / 2
+
+    def med(values):
+        return round(statistics.median(values), 3)
+    results = {
+        "forward": {"images_per_s": round(statistics.median(fw), 2), "runs": fw,
+                    "batch_size": forwards[0]["batch_size"]},
+        "job": jobs[int(np.argmax([j["images_per_s_warm"] for j in jobs]))],
+        "job_runs": jobs,
+        "usual_ray_data": usual,
+        "ratios": {
+            "job_warm_vs_bare_forward": med([j["images_per_s_warm"] / f for j, f in paired]),
+            "job_busy_vs_bare_forward": med([j["images_per_s_busy"] / f for j, f in paired]),
+            "job_wall_vs_bare_forward": med([j["images_per_s_wall"] / f for j, f in paired]),
+            "usual_warm_vs_bare_forward": round(usual["images_per_s_warm"] / usual_fw, 3),
+            "job_vs_usual_ray_data_warm": med([j["images_per_s_warm"] / usual["images_per_s_warm"]
+                                               for j in jobs]),
+            "job_vs_usual_ray_data_wall": med([j["images_per_s_wall"] / usual["images_per_s_wall"]
+                                               for j in jobs]),
+        },
     }
     results["corpus"] = {"images": len(os.listdir(folder)), "large_12mp": len(corpus["large"])}
     return results
@@ -394,10 +414,12 @@ def _table(results: dict) -> str:
         lines.append(f"\nEnd to end ({e['corpus']['images']} images, "
                      f"{e['corpus']['large_12mp']} of them 12 MP):")
         lines.append(f"  {'bare forward':16s} {e['forward']['images_per_s']:7.2f} images/s "
-                     f"(best of two runs interleaved with the jobs)")
-        for k in ("job", "usual_ray_data"):
-            lines.append(f"  {k:16s} wall {e[k]['images_per_s_wall']:7.2f} images/s, model busy "
-                         f"window {e[k]['images_per_s_busy']:7.2f} images/s")
+                     f"(median of {len(e['forward']['runs'])} runs around the jobs: "
+                     f"{e['forward']['runs']})")
+        for k, r in [(f"job #{i + 1}", j) for i, j in enumerate(e["job_runs"])] + [
+                ("usual_ray_data", e["usual_ray_data"])]:
+            lines.append(f"  {k:16s} wall {r['images_per_s_wall']:7.2f} images/s, model busy "
+                         f"window {r['images_per_s_busy']:7.2f}, warm {r['images_per_s_warm']:7.2f}")
         for k, v in e["ratios"].items():
             lines.append(f"  {k:32s} {v}")
     return "\n".join(lines)
@@ -414,9 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="resnet50", help="model for fidelity, forward and e2e")
     p.add_argument("--batch-size", type=int, default=8, help="model batch size (CPU), for the "
                    "bare forward pass and both end-to-end runs")
-    p.add_argument("--forward-batches", type=int, default=4)
+    p.add_argument("--forward-batches", type=int, default=8)
     p.add_argument("--draft-factor", type=float, default=DecodeOptions().draft_factor)
-    p.add_argument("--e2e-images", type=int, default=48,
+    p.add_argument("--e2e-images", type=int, default=192,
                    help="images in the end-to-end corpus (one in four is 12 MP); 0 skips e2e")
     p.add_argument("--object-store-mb", type=int, default=1500)
     args = p.parse_args(argv)
