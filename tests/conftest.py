@@ -16,6 +16,17 @@ from helpers import make_calibrated_state_dict  # noqa: E402
 from resnet_features.samples import write_samples  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _fresh_s3fs_clients():
+    """Tests start moto servers on ports of their own and point AWS_ENDPOINT_URL at them, while
+    fsspec caches one S3FileSystem per set of arguments (the endpoint from the environment is
+    not one of them): without this, a test could reach an earlier test's stopped server."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the whole session (Ray's testing guide).

@@ -25,6 +25,7 @@ from resnet_features.pipeline import run
 from resnet_features.reader import list_images
 from resnet_features.runs import incremental_filter, load_features
 from resnet_features.samples import load_photo, write_samples
+from resnet_features.writer import LEDGER_DIR, PartWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -288,32 +289,36 @@ def test_s3_outage_during_write_then_rerun_exactly_once(resnet18_weights, ray_lo
         paths = write_small(inp, 12, seed=10)
         args = job_args(inp, "s3://nightly/out", resnet18_weights, "s3run", "--rows-per-file",
                         "2", "--batch-size", "2", "--decode-batch-size", "2")
-        outage, first_done = {}, threading.Event()
+        outage: dict = {}
+        restarted = threading.Event()
 
-        def cut_storage():
-            prefix = "out/_staging/run=s3run/_ledger/"
-            while not first_done.is_set():
-                if client.list_objects_v2(Bucket="nightly", Prefix=prefix).get("KeyCount"):
-                    break
-                time.sleep(0.05)
-            else:
-                return
-            servers[0].stop()  # the state lives in-process: a restart keeps the objects
-            outage["at"] = time.time()
+        def restart_later():
             time.sleep(3)
             servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
             servers[-1].start()
+            restarted.set()
 
-        cutter = threading.Thread(target=cut_storage, daemon=True)
-        cutter.start()
+        # The store goes down right after the first part is committed (its ledger fragment is
+        # written by the driver's writer), so the outage always falls inside the write phase,
+        # however fast the machine is; it comes back 3 s later.
+        original = PartWriter._write
+
+        def write_then_cut(self, table, relpath):
+            original(self, table, relpath)
+            if relpath.startswith(LEDGER_DIR) and not outage:
+                servers[0].stop()  # the state lives in-process: a restart keeps the objects
+                outage["at"] = time.time()
+                threading.Thread(target=restart_later, daemon=True).start()
+
+        monkeypatch.setattr(PartWriter, "_write", write_then_cut)
         try:
             first = run(make_cfg(*args))
             outcome = first.exit_code
         except Exception as exc:  # failing loudly is allowed; silently losing rows is not
             outcome = exc
-        first_done.set()
-        cutter.join(timeout=320)
         assert "at" in outage, "the storage outage never happened"
+        assert restarted.wait(timeout=60)
+        monkeypatch.setattr(PartWriter, "_write", original)
         assert outcome == 0 or isinstance(outcome, Exception), outcome
 
         second = run(make_cfg(*args))
