@@ -23,6 +23,7 @@ Sections (each prints a table; everything lands in the JSON):
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import multiprocessing as mp
@@ -40,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE, os.path.join(os.path.dirname(HERE), "tests")]
 
 from helpers import cosine, make_calibrated_state_dict  # noqa: E402
-from run import make_corpus  # noqa: E402
+from run import _reference_model, make_corpus  # noqa: E402
 from torchvision.models import get_model_builder  # noqa: E402
 
 from resnet_features.decode import Decode, DecodeOptions  # noqa: E402
@@ -316,23 +317,15 @@ def node_fidelity(paths: list[str], runner, weights: str, device: str) -> dict:
     from resnet_features.gpu_decode import decode_resize_batch
 
     tf = get_model_weights(runner.spec.name).DEFAULT.transforms()
-    ref_model = get_model_builder(runner.spec.name)(weights=None)
-    ref_model.load_state_dict(torch.load(weights, weights_only=True))
-    ref_model = ref_model.to(device).eval()
-    pooled: dict = {}
-    ref_model.avgpool.register_forward_hook(
-        lambda m, i, o, pooled=pooled: pooled.__setitem__("x", o))
+    ref_embed = _reference_model(runner.spec.name, weights, device)
+    datas = [open(p, "rb").read() for p in paths]
     ref, ref_pixels = [], []
     crop = tf.crop_size[0]
-    for i in range(0, len(paths), 64):
-        imgs = [Image.open(p).convert("RGB") for p in paths[i:i + 64]]
+    for i in range(0, len(datas), 64):
+        imgs = [Image.open(io.BytesIO(d)).convert("RGB") for d in datas[i:i + 64]]
         ref_pixels += [_ref_uint8(im, tf) for im in imgs]
-        x = torch.stack([tf(im) for im in imgs]).to(device)
-        with torch.inference_mode():
-            ref_model(x)
-        ref.append(torch.flatten(pooled["x"], 1).float().cpu().numpy())
+        ref.append(ref_embed(torch.stack([tf(im) for im in imgs])))
     ref = np.concatenate(ref)
-    datas = [open(p, "rb").read() for p in paths]
     gpu_pixels = decode_resize_batch(datas, runner.spec.preprocessing, device).cpu().numpy()
     mad = np.abs(gpu_pixels.astype(np.int16) - np.stack(ref_pixels).astype(np.int16))
     out: dict = {"images": len(paths), "crop": crop,

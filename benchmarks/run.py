@@ -188,17 +188,18 @@ def bench_decode(sets: dict[str, list[bytes]], variants: dict, rounds: int) -> d
 
 # ----------------------------------------------------------------------------- fidelity
 
-def _reference_model(model: str, weights_path: str):
+def _reference_model(model: str, weights_path: str, device: str = "cpu"):
+    """Eager fp32 torchvision on `device`: (N, 3, H, W) reference tensors -> embeddings."""
     net = get_model_builder(model)(weights=None)
     net.load_state_dict(torch.load(weights_path, weights_only=True))
-    net.eval()
+    net = net.to(device).eval()
     pooled = {}
     net.avgpool.register_forward_hook(lambda m, i, o: pooled.__setitem__("x", o))
 
     def embed(x: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            net(x)
-        return torch.flatten(pooled["x"], 1).numpy()
+            net(x.to(device))
+        return torch.flatten(pooled["x"], 1).float().cpu().numpy()
     return embed
 
 
