@@ -203,6 +203,29 @@ def _reference_model(model: str, weights_path: str, device: str = "cpu"):
     return embed
 
 
+def _sensitivity(ref_embed, datas: list[bytes], variants: dict, ref: np.ndarray,
+                 prep: Preprocessing, fraction: float = 0.05) -> dict:
+    """How far these test weights move for a change far below visibility: the reference
+    crops with +-1 grey level on `fraction` of their values at random, same eager model.
+
+    A yardstick for the fidelity figures: a decode path whose cosine is near this one differs
+    from the reference by about as much as invisible noise does.
+    """
+    rng = np.random.default_rng(0)
+    mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std).view(1, 3, 1, 1)
+    emb = []
+    for i in range(0, len(datas), 16):
+        x = torch.stack([variants["reference_weights_transforms"](d) for d in datas[i:i + 16]])
+        u8 = torch.round((x * std + mean) * 255)  # the reference's own uint8 pixels
+        flip = torch.from_numpy(rng.random(u8.shape) < fraction)
+        sign = torch.from_numpy(rng.choice([-1.0, 1.0], size=u8.shape)).float()
+        noisy = (u8 + flip * sign).clamp(0, 255)
+        emb.append(ref_embed((noisy / 255 - mean) / std))
+    cos = cosine(np.concatenate(emb), ref)
+    return {"cosine_mean": round(float(cos.mean()), 5), "cosine_min": round(float(cos.min()), 5)}
+
+
 def bench_fidelity(sets: dict[str, list[bytes]], variants: dict, model: str,
                    weights_path: str) -> dict:
     """Cosine of the job's embeddings (uint8 crops through ModelRunner) vs eager reference."""
@@ -214,7 +237,8 @@ def bench_fidelity(sets: dict[str, list[bytes]], variants: dict, model: str,
         ref = np.concatenate([ref_embed(torch.stack([variants["reference_weights_transforms"](d)
                                                      for d in datas[i:i + 16]]))
                               for i in range(0, len(datas), 16)])
-        out[kind] = {}
+        out[kind] = {"sensitivity_pm1_on_5pct": _sensitivity(ref_embed, datas, variants, ref,
+                                                                  spec.preprocessing)}
         for name in [v for v in variants if v.startswith("job_")]:
             pix = np.stack([variants[name](d) for d in datas])
             emb = np.concatenate([runner.forward(pix[i:i + 16])[0]
@@ -247,9 +271,16 @@ def bench_model(model: str, weights_path: str, batch_size: int, batches: int,
 # ----------------------------------------------------------------------------- e2e (Ray)
 
 def _timed_runner_cls(log_path: str):
-    """A ModelRunner that appends each call's (start, end, rows) to a file: the busy window."""
+    """A ModelRunner that logs when it is ready (`log_path`.ready) and each call's (start, end,
+    rows) to `log_path`: the start-up and the busy window (from the first actor's first call
+    to the last call's end when there are several actors)."""
 
     class TimedRunner(ModelRunner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            with open(log_path + ".ready", "a") as f:  # one line per model actor
+                f.write(f"{time.time()}\n")
+
         def __call__(self, batch):
             t0 = time.time()
             out = super().__call__(batch)
@@ -271,12 +302,20 @@ def _warm_window(log_path: str) -> tuple[float, int]:
     return rows[-1][1] - rows[0][1], int(sum(r[2] for r in rows[1:]))
 
 
-def _window_figures(log_path: str, n: int, wall: float) -> dict:
+def _window_figures(log_path: str, n: int, started: float, ended: float) -> dict:
+    """Rates over the whole run (wall), after the model is ready, in the model's busy window
+    and after its first call (warm). `started`/`ended`: epoch seconds around the run."""
+    wall = ended - started
     busy, _ = _busy_window(log_path)
     warm, warm_n = _warm_window(log_path)
-    return {"images": n, "wall_s": round(wall, 2), "images_per_s_wall": round(n / wall, 2),
-            "model_busy_window_s": round(busy, 2), "images_per_s_busy": round(n / busy, 2),
-            "images_per_s_warm": round(warm_n / warm, 2)}
+    out = {"images": n, "wall_s": round(wall, 2), "images_per_s_wall": round(n / wall, 2),
+           "model_busy_window_s": round(busy, 2), "images_per_s_busy": round(n / busy, 2),
+           "images_per_s_warm": round(warm_n / warm, 2)}
+    if os.path.exists(log_path + ".ready"):
+        ready = min(float(line) for line in open(log_path + ".ready"))  # the first actor
+        out["model_ready_after_s"] = round(ready - started, 2)
+        out["images_per_s_after_ready"] = round(n / (ended - ready), 2)
+    return out
 
 
 def run_job(folder: str, out: str, model: str, weights_path: str, batch_size: int,
@@ -287,12 +326,12 @@ def run_job(folder: str, out: str, model: str, weights_path: str, batch_size: in
     cfg = config_from_args(get_args_parser().parse_args(
         ["--input", folder, "--output", out, "--overwrite", "--model", model, "--weights",
          weights_path, "--batch-size", str(batch_size), "--task", "both", *extra]))
-    t0 = time.perf_counter()
+    started = time.time()
     result = run(cfg, runner_cls=_timed_runner_cls(log_path))
-    wall = time.perf_counter() - t0
+    ended = time.time()
     if result.exit_code != 0 or result.summary["failed"]:
         raise RuntimeError(f"job failed: {result.reason}")
-    return _window_figures(log_path, _busy_window(log_path)[1], wall)
+    return _window_figures(log_path, _busy_window(log_path)[1], started, ended)
 
 
 def run_usual_ray(folder: str, model: str, weights_path: str, batch_size: int,
@@ -322,16 +361,18 @@ def run_usual_ray(folder: str, model: str, weights_path: str, batch_size: int,
                 f.write(f"{t0} {time.time()} {len(out)}\n")
             return {"class": out.argmax(1).numpy()}
 
-    t0 = time.perf_counter()
+    started = time.time()
     ds = ray.data.read_images(folder, mode="RGB").map(preprocess)
     ds = ds.map_batches(Predictor, compute=ray.data.ActorPoolStrategy(size=1),
                         batch_size=batch_size, num_cpus=1)
     n = sum(len(b["class"]) for b in ds.iter_batches(batch_size=None))
-    return _window_figures(log_path, n, time.perf_counter() - t0)
+    return _window_figures(log_path, n, started, time.time())
 
 
 def bench_e2e(corpus: dict[str, list], workdir: str, model: str, weights_path: str,
-              batch_size: int, forward_fn, object_store_mb: int) -> dict:
+              batch_size: int, forward_fn, object_store_mb: int, job_runs: int = 3) -> dict:
+    """The job `job_runs` times and the usual Ray Data pattern once, each between two bare
+    forward passes; every run is compared with the mean of its two neighbours."""
     import ray
 
     folder = os.path.join(workdir, "e2e_images")
@@ -346,50 +387,57 @@ def bench_e2e(corpus: dict[str, list], workdir: str, model: str, weights_path: s
              include_dashboard=False, logging_level=logging.WARNING)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        # Paired runs: a bare forward pass right before and after every job run, each job
-        # compared with the mean of its two neighbours (this VM's speed drifts by tens of
-        # percent within minutes); the usual pattern once, also between two bare passes.
-        forwards, jobs, usual = [forward_fn()], [], None
-        for i, name in enumerate(("job", "usual_ray_data", "job")):
+        # This VM's speed drifts by tens of percent within minutes, so a bare forward pass runs
+        # right before and after every run; the usual pattern goes second, between two jobs.
+        order = ["job", "usual_ray_data"] + ["job"] * max(0, job_runs - 1)
+        forwards, runs = [forward_fn()], []
+        for i, name in enumerate(order):
             log_path = os.path.join(workdir, f"e2e_{i}.log")
-            if os.path.exists(log_path):
-                os.remove(log_path)
-            log.info("e2e: %s", name)
+            for stale in (log_path, log_path + ".ready"):
+                if os.path.exists(stale):
+                    os.remove(stale)
+            log.info("e2e %d/%d: %s", i + 1, len(order), name)
             if name == "job":
-                jobs.append(run_job(folder, os.path.join(workdir, "e2e_out"), model,
-                                    weights_path, batch_size, log_path, []))
+                fig = run_job(folder, os.path.join(workdir, "e2e_out"), model, weights_path,
+                              batch_size, log_path, [])
             else:
-                usual = run_usual_ray(folder, model, weights_path, batch_size, log_path)
+                fig = run_usual_ray(folder, model, weights_path, batch_size, log_path)
             forwards.append(forward_fn())
+            runs.append((name, fig, (forwards[-2]["images_per_s"]
+                                     + forwards[-1]["images_per_s"]) / 2))
     finally:
         ray.shutdown()
-    fw = [f["images_per_s"] for f in forwards]
-    paired = []  # (job, bare forward around it)
-    for i, j in ((0, jobs[0]), (2, jobs[1])):
-        paired.append((j, (fw[i] + fw[i + 1]) / 2))
-    usual_fw = (fw[1] + fw[2]) / 2
+    jobs = [(fig, fw) for name, fig, fw in runs if name == "job"]
+    ((usual, usual_fw),) = [(fig, fw) for name, fig, fw in runs if name != "job"]
 
-    def med(values):
-        return round(statistics.median(values), 3)
-    results = {
-        "forward": {"images_per_s": round(statistics.median(fw), 2), "runs": fw,
-                    "batch_size": forwards[0]["batch_size"]},
-        "job": jobs[int(np.argmax([j["images_per_s_warm"] for j in jobs]))],
-        "job_runs": jobs,
-        "usual_ray_data": usual,
-        "ratios": {
-            "job_warm_vs_bare_forward": med([j["images_per_s_warm"] / f for j, f in paired]),
-            "job_busy_vs_bare_forward": med([j["images_per_s_busy"] / f for j, f in paired]),
-            "job_wall_vs_bare_forward": med([j["images_per_s_wall"] / f for j, f in paired]),
-            "usual_warm_vs_bare_forward": round(usual["images_per_s_warm"] / usual_fw, 3),
-            "job_vs_usual_ray_data_warm": med([j["images_per_s_warm"] / usual["images_per_s_warm"]
-                                               for j in jobs]),
-            "job_vs_usual_ray_data_wall": med([j["images_per_s_wall"] / usual["images_per_s_wall"]
-                                               for j in jobs]),
-        },
+    def med(key, against=None):
+        return round(statistics.median(
+            [fig[key] / (fw if against is None else against[key]) for fig, fw in jobs]), 3)
+    ratios = {
+        "job_wall_vs_bare_forward": med("images_per_s_wall"),
+        "job_after_ready_vs_bare_forward": med("images_per_s_after_ready"),
+        "job_busy_vs_bare_forward": med("images_per_s_busy"),
+        "job_warm_vs_bare_forward": med("images_per_s_warm"),
+        "usual_warm_vs_bare_forward": round(usual["images_per_s_warm"] / usual_fw, 3),
+        "job_vs_usual_ray_data_wall": med("images_per_s_wall", usual),
+        "job_vs_usual_ray_data_warm": med("images_per_s_warm", usual),
     }
-    results["corpus"] = {"images": len(os.listdir(folder)), "large_12mp": len(corpus["large"])}
-    return results
+    fw = [f["images_per_s"] for f in forwards]
+    startup = statistics.median(j["model_ready_after_s"] for j, _ in jobs)
+    rate = statistics.median(j["images_per_s_after_ready"] / f for j, f in jobs)
+    return {
+        "forward": {"images_per_s": round(statistics.median(fw), 2), "runs": fw,
+                    "batch_size": forwards[0]["batch_size"],
+                    "batches": forwards[0]["batches"]},
+        "job_runs": [dict(j, bare_forward_around=round(f, 2)) for j, f in jobs],
+        "usual_ray_data": dict(usual, bare_forward_around=round(usual_fw, 2)),
+        "ratios": ratios,
+        # Derived, not measured: the wall-clock ratio is N / (start-up + N / after-ready rate)
+        # over the bare rate, so a fixed start-up weighs less as the corpus grows.
+        "wall_ratio_0.85_from_images": (round(0.85 * startup / (1 - 0.85 / rate) * statistics.median(fw))
+                                        if rate > 0.85 else None),
+        "corpus": {"images": len(os.listdir(folder)), "large_12mp": len(corpus["large"])},
+    }
 
 
 # ----------------------------------------------------------------------------- main
@@ -406,6 +454,10 @@ def _table(results: dict) -> str:
             lines.append(f"  {v:32s} {r:9.1f} {d['speedup_vs_usual'][v]:8.2f} "
                          f"{d['fraction_of_pil_decode_only'][v]:7.2f} "
                          f"{f.get('cosine_mean', ''):>9} {f.get('cosine_min', ''):>8}")
+        sens = fid.get("sensitivity_pm1_on_5pct")
+        if sens:
+            lines.append(f"  {'(reference +-1 on 5% of values)':32s} {'':9s} {'':8s} {'':7s} "
+                         f"{sens['cosine_mean']:>9} {sens['cosine_min']:>8}")
     if "model" in results:
         m = results["model"]
         lines.append(f"\nBare model forward ({results['config']['model']}, batch "
@@ -419,10 +471,15 @@ def _table(results: dict) -> str:
                      f"{e['forward']['runs']})")
         for k, r in [(f"job #{i + 1}", j) for i, j in enumerate(e["job_runs"])] + [
                 ("usual_ray_data", e["usual_ray_data"])]:
-            lines.append(f"  {k:16s} wall {r['images_per_s_wall']:7.2f} images/s, model busy "
-                         f"window {r['images_per_s_busy']:7.2f}, warm {r['images_per_s_warm']:7.2f}")
+            ready = (f", model ready after {r['model_ready_after_s']:5.2f} s, after ready "
+                     f"{r['images_per_s_after_ready']:6.2f}" if "model_ready_after_s" in r else "")
+            lines.append(f"  {k:16s} wall {r['images_per_s_wall']:6.2f}{ready}, busy window "
+                         f"{r['images_per_s_busy']:6.2f}, warm {r['images_per_s_warm']:6.2f} "
+                         f"images/s (bare forward around it {r['bare_forward_around']:6.2f})")
         for k, v in e["ratios"].items():
-            lines.append(f"  {k:32s} {v}")
+            lines.append(f"  {k:36s} {v}")
+        lines.append(f"  wall-clock ratio reaches 0.85 from ~{e['wall_ratio_0.85_from_images']} "
+                     f"images (derived from the median start-up and after-ready rate)")
     return "\n".join(lines)
 
 
@@ -441,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft-factor", type=float, default=DecodeOptions().draft_factor)
     p.add_argument("--e2e-images", type=int, default=192,
                    help="images in the end-to-end corpus (one in four is 12 MP); 0 skips e2e")
+    p.add_argument("--e2e-job-runs", type=int, default=3, help="job runs, each between two "
+                   "bare forward passes (the usual pattern runs once)")
+    p.add_argument("--e2e-forward-batches", type=int, default=16,
+                   help="batches per bare forward pass around the end-to-end runs")
     p.add_argument("--object-store-mb", type=int, default=1500)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -478,8 +539,9 @@ def main(argv: list[str] | None = None) -> int:
                           "large": corpus["large"][:n_e2e_large]}
             results["e2e"] = bench_e2e(
                 e2e_corpus, args.workdir, args.model, weights, args.batch_size,
-                lambda: bench_model(args.model, weights, args.batch_size, args.forward_batches,
-                                    os.cpu_count() or 1), args.object_store_mb)
+                lambda: bench_model(args.model, weights, args.batch_size,
+                                    args.e2e_forward_batches, os.cpu_count() or 1),
+                args.object_store_mb, args.e2e_job_runs)
     finally:
         if tmp is not None:
             tmp.cleanup()

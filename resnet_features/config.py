@@ -38,7 +38,7 @@ class ExtractConfig:
     batch_size: int | None = None  # None: 256 on GPU, 32 on CPU
     device: str = "auto"
     precision: str = "auto"
-    concurrency: int | None = None  # model actors; None: one per GPU (GPU) or 1 (CPU)
+    concurrency: int | None = None  # model actors; None: one per GPU, or pipeline._cpu_layout
     num_gpus_per_worker: float = 1.0
     num_cpus_per_worker: float | None = None  # CPU model actors; None: half the cluster's CPUs
     decode_batch_size: int = 16
@@ -49,7 +49,7 @@ class ExtractConfig:
     max_image_bytes: int = 256 * 1024 * 1024
     draft_factor: float = 2.0
     decode_backend: str = "auto"
-    cpu_threads: int | None = None  # torch threads per CPU model actor; None: its CPU share
+    cpu_threads: int | None = None  # torch threads per CPU model actor; None: _cpu_layout
     gpu_decode: bool = False
     gpu_decode_fraction: float = 1.0
     compile: bool = False
@@ -183,12 +183,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=None,
                    help="images per model call (default 256 on GPU, 32 on CPU)")
     r.add_argument("--concurrency", type=int, default=None,
-                   help="model actors in the pool (default: number of GPUs on GPU, 1 on CPU)")
+                   help="model actors in the pool (default: one per GPU; on CPU, up to 8 per "
+                   "node with the node's cores shared among them, never more than batches)")
     r.add_argument("--num-gpus-per-worker", type=float, default=1.0,
                    help="GPUs reserved by each model actor (fractions share a GPU)")
     r.add_argument("--num-cpus-per-worker", type=float, default=None,
-                   help="CPUs reserved by each CPU model actor (default: half the cluster's CPUs, "
-                   "at least 1)")
+                   help="CPUs reserved by each CPU model actor (default: half its torch threads, "
+                   "so that decode tasks are scheduled on the other half)")
     r.add_argument("--decode-batch-size", type=int, default=16,
                    help="images per read+decode task call")
     r.add_argument("--decode-num-cpus", type=float, default=1.0,
@@ -207,7 +208,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "measures the best split for a node)")
     r.add_argument("--cpu-threads", type=int, default=None,
                    help="torch intra-op threads per CPU model actor (default: the node's CPUs "
-                   "divided among the actors, so the model uses every core between decode tasks)")
+                   "divided among its actors, so the model uses every core between decode tasks)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model in each actor")
     e = p.add_argument_group("errors and limits")
     e.add_argument("--max-error-rate", type=float, default=0.05,

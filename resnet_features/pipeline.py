@@ -154,7 +154,7 @@ def build_dataset(
         ds = ds.map_batches(Decode(spec.preprocessing, decode_options),
                             batch_size=cfg.decode_batch_size, batch_format="numpy",
                             num_cpus=cfg.decode_num_cpus, max_retries=TASK_RETRIES)
-        return _map_model(ds, cfg, spec, state_ref, options, runner_cls)
+        return _map_model(ds, cfg, spec, state_ref, options, runner_cls, table.num_rows)
 
 
 def _node_cpus() -> float:
@@ -163,25 +163,48 @@ def _node_cpus() -> float:
     return max(cpus, default=1) or 1
 
 
-def _map_model(ds, cfg, spec, state_ref, options, runner_cls) -> ray.data.Dataset:
+#: CPU model actors per node by default: each runs torch on a few threads (see _cpu_layout).
+CPU_ACTORS_PER_NODE = 8
+
+
+def _cpu_layout(cfg: ExtractConfig, n_inputs: int, batch_size: int, node_cpus: float,
+                cluster_cpus: float) -> tuple[int, int, float]:
+    """CPU model actors: (pool size, torch threads each, CPUs each reserves).
+
+    Several actors with few threads each rather than one actor on every core: an intra-op
+    parallel forward pass waits at every op for its slowest thread, so whenever a decode task
+    or one of Ray's own processes (which run at a higher priority than Ray's workers) takes a
+    core from one thread, all of them wait. Single-thread actors lose only the preempted one's
+    time. On 2 cores, two 1-thread actors ran the job's model 15-20% faster than one 2-thread
+    actor, while the bare forward pass is the same either way (BENCHMARKS.md). At most
+    CPU_ACTORS_PER_NODE actors per node bound the memory (a model copy each), and never more
+    actors than batches. Together the actors reserve at most half the CPUs, so Ray still
+    schedules decode tasks on the rest; torch runs on all of them, as decode is a small share.
+    """
+    threads = cfg.cpu_threads or max(1, int(node_cpus // CPU_ACTORS_PER_NODE))
+    batches = max(1, -(-n_inputs // batch_size))
+    size = cfg.concurrency or max(1, min(int(cluster_cpus // threads), batches))
+    if not cfg.cpu_threads:  # fewer actors than the node has room for: more threads each
+        threads = max(threads, int(node_cpus // size))
+    return size, threads, cfg.num_cpus_per_worker or min(threads / 2, cluster_cpus / 2 / size)
+
+
+def _map_model(ds, cfg, spec, state_ref, options, runner_cls, n_inputs: int
+               ) -> ray.data.Dataset:
     gpu = options.device == "cuda"
+    batch_size = cfg.batch_size or (256 if gpu else 32)
     if gpu:
         size = cfg.concurrency or max(1, int(ray.cluster_resources().get("GPU", 1)
                                                // cfg.num_gpus_per_worker))
         resources = {"num_gpus": cfg.num_gpus_per_worker, "num_cpus": 1}
     else:
-        # CPU: the model is the bottleneck (~6 ResNet-50 images/s per 2 cores against ~150
-        # decodes/s per core), so each actor reserves half the node for Ray's scheduling (the
-        # other half runs decode tasks) but computes with all the node's cores: decode tasks
-        # only run for a few percent of the time. Ray would otherwise pin the actor's torch to
-        # OMP_NUM_THREADS = its reservation and leave half the machine idle.
-        size = cfg.concurrency or 1
-        node_cpus = _node_cpus()
-        resources = {"num_cpus": cfg.num_cpus_per_worker or max(1.0, node_cpus // 2 / size)}
-        options = replace(options, cpu_threads=cfg.cpu_threads or max(1, int(node_cpus // size)))
+        size, threads, reserve = _cpu_layout(cfg, n_inputs, batch_size, _node_cpus(),
+                                             ray.cluster_resources().get("CPU", 1))
+        resources = {"num_cpus": reserve}
+        # Ray would otherwise pin each actor's torch to OMP_NUM_THREADS = its reservation.
+        options = replace(options, cpu_threads=threads)
         log.info("CPU model actors: %d, reserving %g CPUs each, %d torch threads each",
-                 size, resources["num_cpus"], options.cpu_threads)
-    batch_size = cfg.batch_size or (256 if gpu else 32)
+                 size, reserve, threads)
     return ds.map_batches(
         _ModelActor,
         fn_constructor_kwargs={"runner_cls": runner_cls, "spec": spec, "state_ref": state_ref,

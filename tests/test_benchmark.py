@@ -49,3 +49,36 @@ def test_gpu_node_harness_on_cpu(tmp_path):
         assert node["fidelity"][path]["cosine_min"] > 0.999, node["fidelity"]
     for run in node["runs"]:
         assert run["images"] == 24 and run["errors"] == 0 and run["images_per_s"] > 0
+
+
+def test_e2e_window_figures_from_the_actor_log(tmp_path):
+    """The end-to-end rates come from the model actor's own log: three calls of 8 images,
+    ready 4.5 s into a run that lasted 8.5 s."""
+    log = tmp_path / "e2e.log"
+    log.write_text("10 11 8\n11 12 8\n12 13 8\n")
+    (tmp_path / "e2e.log.ready").write_text("9.5\n")
+    fig = bench._window_figures(str(log), 24, started=5.0, ended=13.5)
+    assert fig["images_per_s_wall"] == round(24 / 8.5, 2)
+    assert fig["model_ready_after_s"] == 4.5
+    assert fig["images_per_s_after_ready"] == 6.0  # 24 images in the 4 s after ready
+    assert fig["images_per_s_busy"] == 8.0  # 24 images from first call start to last end
+    assert fig["images_per_s_warm"] == 8.0  # 16 images after the first call, in 2 s
+
+
+def test_fidelity_yardstick_is_the_reference_plus_invisible_noise(tmp_path, resnet18_weights):
+    """The sensitivity row rebuilds the reference's own uint8 pixels (no noise: the same
+    embeddings) and then moves 5% of them by one grey level (a lower, finite cosine)."""
+    import numpy as np
+    import torch
+
+    corpus = bench.make_corpus(str(tmp_path), n_imagenet=2, n_large=0)
+    datas = bench.read_all(corpus["imagenet"])
+    variants = bench.decode_variants("resnet18", 2.0)
+    embed = bench._reference_model("resnet18", resnet18_weights)
+    ref = embed(torch.stack([variants["reference_weights_transforms"](d) for d in datas]))
+    prep = bench.Preprocessing.from_weights(bench.get_model_weights("resnet18").DEFAULT)
+    same = bench._sensitivity(embed, datas, variants, ref, prep, fraction=0.0)
+    noisy = bench._sensitivity(embed, datas, variants, ref, prep, fraction=0.05)
+    assert same["cosine_min"] > 0.99999
+    assert 0.9 < noisy["cosine_min"] < same["cosine_min"]
+    assert np.isfinite(noisy["cosine_mean"])

@@ -170,3 +170,25 @@ def test_speed_flags_are_validated():
         cfg("--gpu-decode-fraction", "1.5")
     with pytest.raises(ConfigError, match="--cpu-threads"):
         cfg("--cpu-threads", "0")
+
+
+def test_cpu_model_actor_layout():
+    """CPU actors: few threads each, at most 8 per node, no more than batches, and together
+    they reserve at most half the CPUs (decode tasks need the rest, or the job would hang)."""
+    from resnet_features.config import config_from_args, get_args_parser
+    from resnet_features.pipeline import _cpu_layout
+
+    def layout(*argv, n=10_000, batch=32, node=2, cluster=2):
+        cfg = config_from_args(get_args_parser().parse_args(["--input", "i", "--output", "o",
+                                                             *argv]))
+        return _cpu_layout(cfg, n, batch, node, cluster)
+    assert layout() == (2, 1, 0.5)  # 2 cores: two 1-thread actors, one CPU left for decode
+    assert layout(n=5) == (1, 2, 1.0)  # one batch: one actor on both cores
+    assert layout(node=32, cluster=96) == (24, 4, 2.0)  # 3 nodes of 32: 8 actors per node
+    assert layout("--concurrency", "4") == (4, 1, 0.25)  # 4 x 0.25 = half of 2 CPUs
+    assert layout("--concurrency", "1") == (1, 2, 1.0)
+    assert layout("--cpu-threads", "2") == (1, 2, 1.0)
+    assert layout("--num-cpus-per-worker", "0.1") == (2, 1, 0.1)
+    for cpus in (1, 4, 16, 64):
+        size, _, reserve = layout(node=cpus, cluster=cpus)
+        assert 1 <= size <= 8 and size * reserve <= cpus / 2
