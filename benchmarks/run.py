@@ -139,7 +139,7 @@ def decode_variants(model: str, draft_factor: float) -> dict:
         "job_auto": job(DecodeOptions(draft_factor=draft_factor)),
         "job_pillow": job(DecodeOptions(draft_factor=draft_factor, backend="pillow")),
     }
-    for factor in (1.0, 4.0):
+    for factor in (0.0, 1.0, 4.0):  # 0: no DCT scaling, full decode
         if draft_factor != factor:
             variants[f"job_auto_draft{factor:g}"] = job(DecodeOptions(draft_factor=factor))
     return variants
