@@ -13,11 +13,14 @@ and JSON. Sections:
   decode, the usual PIL -> ToTensor -> Resize -> CenterCrop -> Normalize pattern, the
   weights' reference transforms, and this job's decode stage (backends and draft factors);
 - fidelity: cosine of ResNet embeddings (BN-calibrated test weights, as in tests/helpers.py)
-  from the job's uint8 crops vs eager torchvision with `weights.transforms()`;
+  from the job's uint8 crops vs eager torchvision with `weights.transforms()`, and a yardstick:
+  the reference's own pixels with +-1 grey level on 5% of them;
 - model: the bare ModelRunner forward pass on pre-decoded uint8 batches;
-- e2e: the Ray Data job (`pipeline.run`) on a corpus with one 12 MP photo in four, against the
-  usual Ray Data pattern (`read_images` + per-row PIL/ToTensor/transforms `map` + a model
-  actor pool), both timed in wall-clock and in the model's busy window;
+- e2e: the Ray Data job (`pipeline.run`) on a corpus with one 12 MP photo in four, with its
+  default CPU actor layout and with one actor on every core, against the usual Ray Data
+  pattern (`read_images` + per-row PIL/ToTensor/transforms `map` + a model actor pool), each
+  run between two bare forward passes; rates over the wall clock, after the model is ready,
+  and in the model's busy window;
 GPU figures come from `benchmarks/gpu_node.py` (no Ray needed): the model stage alone and
 CPU decode processes + nvJPEG + model on one GPU node.
 """
@@ -370,9 +373,13 @@ def run_usual_ray(folder: str, model: str, weights_path: str, batch_size: int,
 
 
 def bench_e2e(corpus: dict[str, list], workdir: str, model: str, weights_path: str,
-              batch_size: int, forward_fn, object_store_mb: int, job_runs: int = 3) -> dict:
-    """The job `job_runs` times and the usual Ray Data pattern once, each between two bare
-    forward passes; every run is compared with the mean of its two neighbours."""
+              batch_size: int, forward_fn, object_store_mb: int, job_runs: int = 3,
+              one_actor_runs: int = 2, usual_runs: int = 1) -> dict:
+    """The job `job_runs` times, the job with one model actor on every core
+    (`--concurrency 1`, the layout before several single-thread actors) `one_actor_runs` times
+    and the usual Ray Data pattern `usual_runs` (0 or 1) times, interleaved, each between two
+    bare forward passes;
+    every run is compared with the mean of its two neighbours."""
     import ray
 
     folder = os.path.join(workdir, "e2e_images")
@@ -389,7 +396,10 @@ def bench_e2e(corpus: dict[str, list], workdir: str, model: str, weights_path: s
         ray.data.DataContext.get_current().enable_progress_bars = False
         # This VM's speed drifts by tens of percent within minutes, so a bare forward pass runs
         # right before and after every run; the usual pattern goes second, between two jobs.
-        order = ["job", "usual_ray_data"] + ["job"] * max(0, job_runs - 1)
+        order = ["job"] + ["usual_ray_data"] * min(1, usual_runs)
+        for i in range(max(job_runs - 1, one_actor_runs)):
+            order += (["job_one_actor"] if i < one_actor_runs else []) + (
+                ["job"] if i < job_runs - 1 else [])
         forwards, runs = [forward_fn()], []
         for i, name in enumerate(order):
             log_path = os.path.join(workdir, f"e2e_{i}.log")
@@ -397,9 +407,10 @@ def bench_e2e(corpus: dict[str, list], workdir: str, model: str, weights_path: s
                 if os.path.exists(stale):
                     os.remove(stale)
             log.info("e2e %d/%d: %s", i + 1, len(order), name)
-            if name == "job":
+            if name.startswith("job"):
                 fig = run_job(folder, os.path.join(workdir, "e2e_out"), model, weights_path,
-                              batch_size, log_path, [])
+                              batch_size, log_path,
+                              ["--concurrency", "1"] if name == "job_one_actor" else [])
             else:
                 fig = run_usual_ray(folder, model, weights_path, batch_size, log_path)
             forwards.append(forward_fn())
@@ -408,34 +419,39 @@ def bench_e2e(corpus: dict[str, list], workdir: str, model: str, weights_path: s
     finally:
         ray.shutdown()
     jobs = [(fig, fw) for name, fig, fw in runs if name == "job"]
-    ((usual, usual_fw),) = [(fig, fw) for name, fig, fw in runs if name != "job"]
+    one_actor = [(fig, fw) for name, fig, fw in runs if name == "job_one_actor"]
+    usual, usual_fw = next(((fig, fw) for name, fig, fw in runs if name == "usual_ray_data"),
+                           (None, None))
 
-    def med(key, against=None):
+    def med(key, against=None, of=jobs):
         return round(statistics.median(
-            [fig[key] / (fw if against is None else against[key]) for fig, fw in jobs]), 3)
+            [fig[key] / (fw if against is None else against[key]) for fig, fw in of]), 3)
     ratios = {
         "job_wall_vs_bare_forward": med("images_per_s_wall"),
         "job_after_ready_vs_bare_forward": med("images_per_s_after_ready"),
         "job_busy_vs_bare_forward": med("images_per_s_busy"),
         "job_warm_vs_bare_forward": med("images_per_s_warm"),
-        "usual_warm_vs_bare_forward": round(usual["images_per_s_warm"] / usual_fw, 3),
-        "job_vs_usual_ray_data_wall": med("images_per_s_wall", usual),
-        "job_vs_usual_ray_data_warm": med("images_per_s_warm", usual),
+        "one_actor_after_ready_vs_bare_forward": med("images_per_s_after_ready", of=one_actor)
+        if one_actor else None,
+        "one_actor_warm_vs_bare_forward": med("images_per_s_warm", of=one_actor)
+        if one_actor else None,
     }
+    if usual is not None:
+        ratios.update({
+            "usual_warm_vs_bare_forward": round(usual["images_per_s_warm"] / usual_fw, 3),
+            "job_vs_usual_ray_data_wall": med("images_per_s_wall", usual),
+            "job_vs_usual_ray_data_warm": med("images_per_s_warm", usual),
+        })
     fw = [f["images_per_s"] for f in forwards]
-    startup = statistics.median(j["model_ready_after_s"] for j, _ in jobs)
-    rate = statistics.median(j["images_per_s_after_ready"] / f for j, f in jobs)
     return {
         "forward": {"images_per_s": round(statistics.median(fw), 2), "runs": fw,
                     "batch_size": forwards[0]["batch_size"],
                     "batches": forwards[0]["batches"]},
         "job_runs": [dict(j, bare_forward_around=round(f, 2)) for j, f in jobs],
-        "usual_ray_data": dict(usual, bare_forward_around=round(usual_fw, 2)),
+        "job_one_actor_runs": [dict(j, bare_forward_around=round(f, 2)) for j, f in one_actor],
+        "usual_ray_data": (dict(usual, bare_forward_around=round(usual_fw, 2))
+                           if usual is not None else None),
         "ratios": ratios,
-        # Derived, not measured: the wall-clock ratio is N / (start-up + N / after-ready rate)
-        # over the bare rate, so a fixed start-up weighs less as the corpus grows.
-        "wall_ratio_0.85_from_images": (round(0.85 * startup / (1 - 0.85 / rate) * statistics.median(fw))
-                                        if rate > 0.85 else None),
         "corpus": {"images": len(os.listdir(folder)), "large_12mp": len(corpus["large"])},
     }
 
@@ -469,17 +485,18 @@ def _table(results: dict) -> str:
         lines.append(f"  {'bare forward':16s} {e['forward']['images_per_s']:7.2f} images/s "
                      f"(median of {len(e['forward']['runs'])} runs around the jobs: "
                      f"{e['forward']['runs']})")
-        for k, r in [(f"job #{i + 1}", j) for i, j in enumerate(e["job_runs"])] + [
-                ("usual_ray_data", e["usual_ray_data"])]:
+        for k, r in ([(f"job #{i + 1}", j) for i, j in enumerate(e["job_runs"])]
+                     + [(f"one actor #{i + 1}", j)
+                        for i, j in enumerate(e.get("job_one_actor_runs", []))]
+                     + ([("usual_ray_data", e["usual_ray_data"])] if e["usual_ray_data"]
+                        else [])):
             ready = (f", model ready after {r['model_ready_after_s']:5.2f} s, after ready "
                      f"{r['images_per_s_after_ready']:6.2f}" if "model_ready_after_s" in r else "")
             lines.append(f"  {k:16s} wall {r['images_per_s_wall']:6.2f}{ready}, busy window "
                          f"{r['images_per_s_busy']:6.2f}, warm {r['images_per_s_warm']:6.2f} "
                          f"images/s (bare forward around it {r['bare_forward_around']:6.2f})")
         for k, v in e["ratios"].items():
-            lines.append(f"  {k:36s} {v}")
-        lines.append(f"  wall-clock ratio reaches 0.85 from ~{e['wall_ratio_0.85_from_images']} "
-                     f"images (derived from the median start-up and after-ready rate)")
+            lines.append(f"  {k:38s} {v}")
     return "\n".join(lines)
 
 
@@ -500,6 +517,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="images in the end-to-end corpus (one in four is 12 MP); 0 skips e2e")
     p.add_argument("--e2e-job-runs", type=int, default=3, help="job runs, each between two "
                    "bare forward passes (the usual pattern runs once)")
+    p.add_argument("--e2e-one-actor-runs", type=int, default=2, help="job runs with one model "
+                   "actor on every core (--concurrency 1), for comparison")
+    p.add_argument("--e2e-usual-runs", type=int, default=1, choices=(0, 1),
+                   help="runs of the usual Ray Data pattern (slow: 0 skips it on big corpora)")
     p.add_argument("--e2e-forward-batches", type=int, default=16,
                    help="batches per bare forward pass around the end-to-end runs")
     p.add_argument("--object-store-mb", type=int, default=1500)
@@ -541,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
                 e2e_corpus, args.workdir, args.model, weights, args.batch_size,
                 lambda: bench_model(args.model, weights, args.batch_size,
                                     args.e2e_forward_batches, os.cpu_count() or 1),
-                args.object_store_mb, args.e2e_job_runs)
+                args.object_store_mb, args.e2e_job_runs, args.e2e_one_actor_runs,
+                args.e2e_usual_runs)
     finally:
         if tmp is not None:
             tmp.cleanup()
