@@ -40,7 +40,7 @@ class ExtractConfig:
     precision: str = "auto"
     concurrency: int | None = None  # model actors; None: one per GPU, or pipeline._cpu_layout
     num_gpus_per_worker: float = 1.0
-    num_cpus_per_worker: float | None = None  # CPU model actors; None: half the cluster's CPUs
+    num_cpus_per_worker: float | None = None  # CPU model actors; None: half their threads
     decode_batch_size: int = 16
     decode_num_cpus: float = 1.0
     rows_per_file: int | None = None  # None: aim at ~128 MB files (see writer.auto_rows_per_file)

@@ -177,10 +177,10 @@ def _cpu_layout(cfg: ExtractConfig, n_inputs: int, batch_size: int, node_cpus: f
     core from one thread, all of them wait. Single-thread actors lose only the preempted one's
     time. On 2 cores, two 1-thread actors beat one 2-thread actor in the job (10-24% in
     back-to-back pairs, ~5% in the median of noisier runs), while the bare forward pass is the
-    same either way (BENCHMARKS.md). At most
-    CPU_ACTORS_PER_NODE actors per node bound the memory (a model copy each), and never more
-    actors than batches. Together the actors reserve at most half the CPUs, so Ray still
-    schedules decode tasks on the rest; torch runs on all of them, as decode is a small share.
+    same either way (BENCHMARKS.md). At most CPU_ACTORS_PER_NODE actors per node bound the
+    memory (a model copy each), and never more actors than batches. Together the actors
+    reserve at most half the CPUs, so Ray still schedules decode tasks on the rest; torch runs
+    on all of them, as decode is a small share of the work.
     """
     threads = cfg.cpu_threads or max(1, int(node_cpus // CPU_ACTORS_PER_NODE))
     batches = max(1, -(-n_inputs // batch_size))
