@@ -378,8 +378,7 @@ def bench_e2e(corpus: dict[str, list], workdir: str, model: str, weights_path: s
     """The job `job_runs` times, the job with one model actor on every core
     (`--concurrency 1`, the layout before several single-thread actors) `one_actor_runs` times
     and the usual Ray Data pattern `usual_runs` (0 or 1) times, interleaved, each between two
-    bare forward passes;
-    every run is compared with the mean of its two neighbours."""
+    bare forward passes: every run is compared with the mean of its two neighbours."""
     import ray
 
     folder = os.path.join(workdir, "e2e_images")
