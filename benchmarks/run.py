@@ -206,10 +206,11 @@ def _reference_model(model: str, weights_path: str, device: str = "cpu"):
     return embed
 
 
-def _sensitivity(ref_embed, datas: list[bytes], variants: dict, ref: np.ndarray,
+def _sensitivity(ref_embed, ref_batches: list[torch.Tensor], ref: np.ndarray,
                  prep: Preprocessing, fraction: float = 0.05) -> dict:
     """How far these test weights move for a change far below visibility: the reference
-    crops with +-1 grey level on `fraction` of their values at random, same eager model.
+    crops (`ref_batches`, embedded as `ref`) with +-1 grey level on `fraction` of their
+    values at random, same eager model.
 
     A yardstick for the fidelity figures: a decode path whose cosine is near this one differs
     from the reference by about as much as invisible noise does.
@@ -218,8 +219,7 @@ def _sensitivity(ref_embed, datas: list[bytes], variants: dict, ref: np.ndarray,
     mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
     std = torch.tensor(prep.std).view(1, 3, 1, 1)
     emb = []
-    for i in range(0, len(datas), 16):
-        x = torch.stack([variants["reference_weights_transforms"](d) for d in datas[i:i + 16]])
+    for x in ref_batches:
         u8 = torch.round((x * std + mean) * 255)  # the reference's own uint8 pixels
         flip = torch.from_numpy(rng.random(u8.shape) < fraction)
         sign = torch.from_numpy(rng.choice([-1.0, 1.0], size=u8.shape)).float()
@@ -237,10 +237,11 @@ def bench_fidelity(sets: dict[str, list[bytes]], variants: dict, model: str,
     ref_embed = _reference_model(model, weights_path)
     out = {}
     for kind, datas in sets.items():
-        ref = np.concatenate([ref_embed(torch.stack([variants["reference_weights_transforms"](d)
-                                                     for d in datas[i:i + 16]]))
-                              for i in range(0, len(datas), 16)])
-        out[kind] = {"sensitivity_pm1_on_5pct": _sensitivity(ref_embed, datas, variants, ref,
+        ref_batches = [torch.stack([variants["reference_weights_transforms"](d)
+                                    for d in datas[i:i + 16]])
+                       for i in range(0, len(datas), 16)]
+        ref = np.concatenate([ref_embed(x) for x in ref_batches])
+        out[kind] = {"sensitivity_pm1_on_5pct": _sensitivity(ref_embed, ref_batches, ref,
                                                                   spec.preprocessing)}
         for name in [v for v in variants if v.startswith("job_")]:
             pix = np.stack([variants[name](d) for d in datas])

@@ -189,11 +189,16 @@ def _uninitialised_model(name: str, num_classes: int) -> torch.nn.Module:
     every parameter and persistent buffer; a model with non-persistent buffers (which no
     state_dict carries) is built normally instead.
     """
-    with torch.device("meta"):
-        model = get_model_builder(name)(weights=None, num_classes=num_classes)
+    model = _meta_model(name, num_classes)
     if any(m._non_persistent_buffers_set for m in model.modules()):
         return get_model_builder(name)(weights=None, num_classes=num_classes)
     return model.to_empty(device="cpu")
+
+
+def _meta_model(name: str, num_classes: int) -> torch.nn.Module:
+    """The architecture on the meta device: shapes only, no memory, no initialisation."""
+    with torch.device("meta"):
+        return get_model_builder(name)(weights=None, num_classes=num_classes)
 
 
 def _load_into(model: torch.nn.Module, name: str, state_dict: dict[str, torch.Tensor],
@@ -237,8 +242,7 @@ def resolve_model(
             state_dict, digest = load_state_dict(weights, storage_options, weights_sha256)
             weights_id = f"sha256:{digest}"
     categories = tuple(entry.meta["categories"])
-    with torch.device("meta"):  # shapes only: the dimensions and the fit check below
-        probe = get_model_builder(model)(weights=None, num_classes=len(categories))
+    probe = _meta_model(model, len(categories))  # for the dimensions and the fit check below
     spec = ModelSpec(
         name=model,
         weights=weights,

@@ -75,10 +75,11 @@ def test_fidelity_yardstick_is_the_reference_plus_invisible_noise(tmp_path, resn
     datas = bench.read_all(corpus["imagenet"])
     variants = bench.decode_variants("resnet18", 2.0)
     embed = bench._reference_model("resnet18", resnet18_weights)
-    ref = embed(torch.stack([variants["reference_weights_transforms"](d) for d in datas]))
+    batches = [torch.stack([variants["reference_weights_transforms"](d) for d in datas])]
+    ref = embed(batches[0])
     prep = bench.Preprocessing.from_weights(bench.get_model_weights("resnet18").DEFAULT)
-    same = bench._sensitivity(embed, datas, variants, ref, prep, fraction=0.0)
-    noisy = bench._sensitivity(embed, datas, variants, ref, prep, fraction=0.05)
+    same = bench._sensitivity(embed, batches, ref, prep, fraction=0.0)
+    noisy = bench._sensitivity(embed, batches, ref, prep, fraction=0.05)
     assert same["cosine_min"] > 0.99999
     assert 0.9 < noisy["cosine_min"] < same["cosine_min"]
     assert np.isfinite(noisy["cosine_mean"])

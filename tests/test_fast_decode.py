@@ -155,12 +155,17 @@ def test_gpu_share_and_exif_rotated_jpegs():
     assert np.abs(out["image"][8].astype(int) - reference_uint8(upright).astype(int)).mean() < 0.5
 
 
-def test_speed_flags_are_validated():
-    from resnet_features.config import ConfigError, config_from_args, get_args_parser
+def cfg(*argv):
+    """The job's config from extra CLI flags (input and output given)."""
+    from resnet_features.config import config_from_args, get_args_parser
 
-    def cfg(*argv):
-        return config_from_args(get_args_parser().parse_args(["--input", "i", "--output", "o",
-                                                              *argv]))
+    return config_from_args(get_args_parser().parse_args(["--input", "i", "--output", "o",
+                                                          *argv]))
+
+
+def test_speed_flags_are_validated():
+    from resnet_features.config import ConfigError
+
     assert cfg().decode_backend == "auto" and not cfg().gpu_decode
     assert cfg("--decode-backend", "pillow", "--cpu-threads", "3").cpu_threads == 3
     with pytest.raises(ConfigError, match="--gpu-decode"):
@@ -175,13 +180,10 @@ def test_speed_flags_are_validated():
 def test_cpu_model_actor_layout():
     """CPU actors: few threads each, at most 8 per node, no more than batches, and together
     they reserve at most half the CPUs (decode tasks need the rest, or the job would hang)."""
-    from resnet_features.config import config_from_args, get_args_parser
     from resnet_features.pipeline import _cpu_layout
 
     def layout(*argv, n=10_000, batch=32, node=2, cluster=2):
-        cfg = config_from_args(get_args_parser().parse_args(["--input", "i", "--output", "o",
-                                                             *argv]))
-        return _cpu_layout(cfg, n, batch, node, cluster)
+        return _cpu_layout(cfg(*argv), n, batch, node, cluster)
     assert layout() == (2, 1, 0.5)  # 2 cores: two 1-thread actors, one CPU left for decode
     assert layout(n=5) == (1, 2, 1.0)  # one batch: one actor on both cores
     assert layout(node=32, cluster=96) == (24, 4, 2.0)  # 3 nodes of 32: 8 actors per node
