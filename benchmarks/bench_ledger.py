@@ -43,9 +43,11 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from resnet_features import ledger, runs, storage  # noqa: E402
-from resnet_features.reader import list_images  # noqa: E402
-from resnet_features.writer import LEDGER_SCHEMA  # noqa: E402
+from resnet_features.core import storage  # noqa: E402
+from resnet_features.extract.reader import list_images  # noqa: E402
+from resnet_features.extract.writer import LEDGER_SCHEMA  # noqa: E402
+from resnet_features.runs import ledger
+from resnet_features.runs import protocol as runs
 
 TASK_FP = "0123456789abcdef"
 MIB = 2**20

@@ -133,7 +133,7 @@ def s3fs_options(endpoint: str) -> dict:
 
 
 def bench_cat(endpoint: str, prefix: str) -> dict:
-    from resnet_features import storage
+    from resnet_features.core import storage
 
     # The job's own s3fs settings (connection pool), so the ceiling is not held back by them.
     fs, _ = storage.filesystem(f"s3://{prefix}", {**s3fs_options(endpoint),
@@ -149,8 +149,8 @@ def bench_cat(endpoint: str, prefix: str) -> dict:
 def bench_job_reader(endpoint: str, prefix: str) -> dict:
     import ray
 
-    from resnet_features.pipeline import read_group_size
-    from resnet_features.reader import InputSpec, ReadBytes, list_inputs
+    from resnet_features.extract.pipeline import read_group_size
+    from resnet_features.extract.reader import InputSpec, ReadBytes, list_inputs
 
     opts = s3fs_options(endpoint)
     t0 = time.perf_counter()

@@ -16,9 +16,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from resnet_features.explain import EXPLAIN_METHODS, Explainer  # noqa: E402
-from resnet_features.inference import InferenceOptions, ModelRunner  # noqa: E402
-from resnet_features.models import resolve_model  # noqa: E402
+from resnet_features.core.models import resolve_model  # noqa: E402
+from resnet_features.extract.explain import EXPLAIN_METHODS, Explainer  # noqa: E402
+from resnet_features.extract.inference import InferenceOptions, ModelRunner  # noqa: E402
 
 
 def main() -> None:

@@ -44,10 +44,10 @@ from helpers import cosine, make_calibrated_state_dict  # noqa: E402
 from run import _reference_model, make_corpus  # noqa: E402
 from torchvision.models import get_model_builder  # noqa: E402
 
-from resnet_features.decode import Decode, DecodeOptions  # noqa: E402
-from resnet_features.gpu_decode import with_gpu_decode  # noqa: E402
-from resnet_features.inference import InferenceOptions, ModelRunner  # noqa: E402
-from resnet_features.models import resolve_model  # noqa: E402
+from resnet_features.core.models import resolve_model  # noqa: E402
+from resnet_features.extract.decode import Decode, DecodeOptions  # noqa: E402
+from resnet_features.extract.gpu_decode import with_gpu_decode  # noqa: E402
+from resnet_features.extract.inference import InferenceOptions, ModelRunner  # noqa: E402
 
 log = logging.getLogger("gpu_node")
 
@@ -314,7 +314,7 @@ def node_fidelity(paths: list[str], runner, weights: str, device: str) -> dict:
     from PIL import Image
     from torchvision.models import get_model_weights
 
-    from resnet_features.gpu_decode import decode_resize_batch
+    from resnet_features.extract.gpu_decode import decode_resize_batch
 
     tf = get_model_weights(runner.spec.name).DEFAULT.transforms()
     ref_embed = _reference_model(runner.spec.name, weights, device)
@@ -356,8 +356,8 @@ def _ref_uint8(img, tf) -> np.ndarray:
 def _photo_crops(workdir: str, n: int) -> np.ndarray:
     from torchvision.models import ResNet50_Weights
 
-    from resnet_features.decode import decode_image
-    from resnet_features.models import Preprocessing
+    from resnet_features.core.models import Preprocessing
+    from resnet_features.extract.decode import decode_image
 
     corpus = make_corpus(os.path.join(workdir, "crops"), n, 0, seed=1)
     prep = Preprocessing.from_weights(ResNet50_Weights.DEFAULT)

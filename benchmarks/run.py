@@ -50,10 +50,10 @@ from helpers import cosine, make_calibrated_state_dict  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 from torchvision.models import get_model_builder, get_model_weights  # noqa: E402
 
-from resnet_features.decode import DecodeOptions, decode_image  # noqa: E402
-from resnet_features.inference import InferenceOptions, ModelRunner  # noqa: E402
-from resnet_features.models import Preprocessing, resolve_model  # noqa: E402
-from resnet_features.samples import PHOTO_NAMES, load_photo  # noqa: E402
+from resnet_features.core.models import Preprocessing, resolve_model  # noqa: E402
+from resnet_features.core.samples import PHOTO_NAMES, load_photo  # noqa: E402
+from resnet_features.extract.decode import DecodeOptions, decode_image  # noqa: E402
+from resnet_features.extract.inference import InferenceOptions, ModelRunner  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -324,8 +324,8 @@ def _window_figures(log_path: str, n: int, started: float, ended: float) -> dict
 
 def run_job(folder: str, out: str, model: str, weights_path: str, batch_size: int,
             log_path: str, extra: list[str]) -> dict:
-    from resnet_features.config import config_from_args, get_args_parser
-    from resnet_features.pipeline import run
+    from resnet_features.core.config import config_from_args, get_args_parser
+    from resnet_features.extract.pipeline import run
 
     cfg = config_from_args(get_args_parser().parse_args(
         ["--input", folder, "--output", out, "--overwrite", "--model", model, "--weights",

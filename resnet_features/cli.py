@@ -6,14 +6,14 @@ import logging
 import os
 import sys
 
-from resnet_features.config import ConfigError, config_from_args, get_args_parser
-from resnet_features.models import (
+from resnet_features.core.config import ConfigError, config_from_args, get_args_parser
+from resnet_features.core.models import (
     WeightsError,
     hub_checkpoint_path,
     is_named_weights,
     named_weights,
 )
-from resnet_features.reader import InputError
+from resnet_features.extract.reader import InputError
 
 __all__ = ["main"]
 
@@ -31,7 +31,7 @@ def setup_logging() -> None:
 
 def _apply_demo(args) -> None:
     """--demo: sample photos and local folders, and weights that need no network."""
-    from resnet_features.samples import write_samples
+    from resnet_features.core.samples import write_samples
 
     args.input = args.input or os.path.join("demo", "images")
     args.output = args.output or os.path.join("demo", "output")
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from resnet_features.pipeline import OutputExistsError, run  # imports Ray: after validation
+    from resnet_features.extract.pipeline import OutputExistsError, run  # imports Ray: after validation
 
     try:
         result = run(cfg)

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from helpers import make_calibrated_state_dict  # noqa: E402
 
-from resnet_features.samples import write_samples  # noqa: E402
+from resnet_features.core.samples import write_samples  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision.models import get_model_builder, get_model_weights
 
-from resnet_features.samples import PHOTO_NAMES, load_photo
+from resnet_features.core.samples import PHOTO_NAMES, load_photo
 
 
 def photo_batch(transform, n: int = 16) -> torch.Tensor:

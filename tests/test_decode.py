@@ -11,9 +11,9 @@ from PIL import Image
 from torchvision.models import ResNet50_Weights
 from torchvision.transforms import functional as F
 
-from resnet_features.decode import Decode, DecodeOptions, decode_image, resize_geometry
-from resnet_features.models import Preprocessing
-from resnet_features.samples import load_photo
+from resnet_features.core.models import Preprocessing
+from resnet_features.core.samples import load_photo
+from resnet_features.extract.decode import Decode, DecodeOptions, decode_image, resize_geometry
 
 WEIGHTS = ResNet50_Weights.IMAGENET1K_V2
 PREP = Preprocessing.from_weights(WEIGHTS)
@@ -134,7 +134,7 @@ def test_batch_stage_turns_bad_bytes_into_error_rows():
 
 def test_normalisation_matches_torchvision_float_path():
     """uint8 HWC -> normalised NCHW the way the model stage does it, vs torchvision's."""
-    from resnet_features.inference import InferenceOptions, ModelRunner  # noqa: F401
+    from resnet_features.extract.inference import InferenceOptions, ModelRunner  # noqa: F401
 
     img = Image.fromarray(load_photo("astronaut"))
     pix = decode_image(encode(img, "PNG"), PREP, DecodeOptions()).pixels

@@ -23,10 +23,10 @@ from helpers import cosine
 from PIL import Image, ImageEnhance, ImageOps
 from torchvision.models import get_model_builder, get_model_weights
 
-from resnet_features import probe, search
-from resnet_features.config import config_from_args, get_args_parser
-from resnet_features.pipeline import run
-from resnet_features.samples import load_photo
+from resnet_features.core.config import config_from_args, get_args_parser
+from resnet_features.core.samples import load_photo
+from resnet_features.extract.pipeline import run
+from resnet_features.tools import probe, search
 
 pytestmark = pytest.mark.slow
 

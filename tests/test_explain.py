@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torchvision.models import get_model_builder, get_model_weights
 
-from resnet_features.config import config_from_args, get_args_parser
-from resnet_features.pipeline import run
-from resnet_features.samples import load_photo
+from resnet_features.core.config import config_from_args, get_args_parser
+from resnet_features.core.samples import load_photo
+from resnet_features.extract.pipeline import run
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,10 @@ from PIL import Image
 from torchvision.models import ResNet50_Weights
 from torchvision.transforms import functional as F
 
-from resnet_features.decode import Decode, DecodeOptions, decode_image, open_image
-from resnet_features.gpu_decode import decode_resize_batch
-from resnet_features.models import Preprocessing
-from resnet_features.samples import load_photo
+from resnet_features.core.models import Preprocessing
+from resnet_features.core.samples import load_photo
+from resnet_features.extract.decode import Decode, DecodeOptions, decode_image, open_image
+from resnet_features.extract.gpu_decode import decode_resize_batch
 
 WEIGHTS = ResNet50_Weights.IMAGENET1K_V2
 PREP = Preprocessing.from_weights(WEIGHTS)
@@ -109,9 +109,9 @@ def test_deferred_jpegs_decode_in_the_model_stage(few_photos, resnet18_weights, 
 
     from helpers import cosine, reference_outputs
 
-    from resnet_features.gpu_decode import with_gpu_decode
-    from resnet_features.inference import InferenceOptions, ModelRunner
-    from resnet_features.models import resolve_model
+    from resnet_features.core.models import resolve_model
+    from resnet_features.extract.gpu_decode import with_gpu_decode
+    from resnet_features.extract.inference import InferenceOptions, ModelRunner
 
     paths = sorted(glob.glob(os.path.join(few_photos, "*")))
     bad = tmp_path / "bad.jpg"
@@ -157,14 +157,14 @@ def test_gpu_share_and_exif_rotated_jpegs():
 
 def cfg(*argv):
     """The job's config from extra CLI flags (input and output given)."""
-    from resnet_features.config import config_from_args, get_args_parser
+    from resnet_features.core.config import config_from_args, get_args_parser
 
     return config_from_args(get_args_parser().parse_args(["--input", "i", "--output", "o",
                                                           *argv]))
 
 
 def test_speed_flags_are_validated():
-    from resnet_features.config import ConfigError
+    from resnet_features.core.config import ConfigError
 
     assert cfg().decode_backend == "auto" and not cfg().gpu_decode
     assert cfg("--decode-backend", "pillow", "--cpu-threads", "3").cpu_threads == 3
@@ -180,7 +180,7 @@ def test_speed_flags_are_validated():
 def test_cpu_model_actor_layout():
     """CPU actors: few threads each, at most 8 per node, no more than batches, and together
     they reserve at most half the CPUs (decode tasks need the rest, or the job would hang)."""
-    from resnet_features.pipeline import _cpu_layout
+    from resnet_features.extract.pipeline import _cpu_layout
 
     def layout(*argv, n=10_000, batch=32, node=2, cluster=2):
         return _cpu_layout(cfg(*argv), n, batch, node, cluster)

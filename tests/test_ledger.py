@@ -15,8 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from resnet_features import ledger, runs, storage
-from resnet_features.writer import LEDGER_SCHEMA
+from resnet_features.core import storage
+from resnet_features.extract.writer import LEDGER_SCHEMA
+from resnet_features.runs import ledger
+from resnet_features.runs import protocol as runs
 
 TASK = "0123456789abcdef"
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision.models import get_model_weights
 
-from resnet_features.models import (
+from resnet_features.core.models import (
     MODEL_NAMES,
     WeightsError,
     build_model,

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from resnet_features.reader import InputError, InputSpec, ReadBytes, list_inputs, listing_blocks
+from resnet_features.extract.reader import InputError, InputSpec, ReadBytes, list_inputs, listing_blocks
 
 
 def _fetch(listing, **kw):

@@ -12,8 +12,8 @@ import pyarrow.dataset as pads
 import pytest
 from helpers import cosine, reference_outputs
 
-from resnet_features.config import config_from_args, get_args_parser
-from resnet_features.pipeline import run
+from resnet_features.core.config import config_from_args, get_args_parser
+from resnet_features.extract.pipeline import run
 
 pytestmark = pytest.mark.slow
 

@@ -25,17 +25,17 @@ from helpers import cosine
 from PIL import Image
 from torchvision.models import get_model_builder, get_model_weights
 
-from resnet_features import pipeline
-from resnet_features.config import config_from_args, get_args_parser
-from resnet_features.inference import (
+from resnet_features.core.config import config_from_args, get_args_parser
+from resnet_features.core.models import resolve_model
+from resnet_features.core.samples import load_photo
+from resnet_features.extract import pipeline
+from resnet_features.extract.inference import (
     DEVICE_RETRIES,
     InferenceOptions,
     ModelRunner,
     ModelStageError,
 )
-from resnet_features.models import resolve_model
-from resnet_features.reader import ReadBytes, list_inputs
-from resnet_features.samples import load_photo
+from resnet_features.extract.reader import ReadBytes, list_inputs
 
 # Ray workers cannot import this test module: ship its runner classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -439,8 +439,8 @@ _MEASURE = r"""
 import sys
 import numpy as np
 from torchvision.models import ResNet18_Weights
-from resnet_features.decode import Decode
-from resnet_features.models import Preprocessing
+from resnet_features.extract.decode import Decode
+from resnet_features.core.models import Preprocessing
 decode = Decode(Preprocessing.from_weights(ResNet18_Weights.DEFAULT))
 def rss_mb():  # peak RSS of this process (VmHWM; unlike ru_maxrss, not inherited over exec)
     for line in open("/proc/self/status"):

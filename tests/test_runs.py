@@ -19,13 +19,13 @@ import pytest
 from helpers import cosine, reference_outputs
 from PIL import Image
 
-from resnet_features.config import config_from_args, get_args_parser
-from resnet_features.inference import ModelRunner
-from resnet_features.pipeline import run
-from resnet_features.reader import list_images
-from resnet_features.runs import incremental_filter, load_features
-from resnet_features.samples import load_photo, write_samples
-from resnet_features.writer import LEDGER_DIR, PartWriter
+from resnet_features.core.config import config_from_args, get_args_parser
+from resnet_features.core.samples import load_photo, write_samples
+from resnet_features.extract.inference import ModelRunner
+from resnet_features.extract.pipeline import run
+from resnet_features.extract.reader import list_images
+from resnet_features.extract.writer import LEDGER_DIR, PartWriter
+from resnet_features.runs.protocol import incremental_filter, load_features
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -381,8 +381,8 @@ def _fake_rows(listing: pa.Table, value: float) -> dict[str, np.ndarray]:
 
 
 def _stage_run(layout, spec, listing, value: float, *, fresh: bool = False):
-    from resnet_features import runs
-    from resnet_features.writer import PartWriter
+    from resnet_features.extract.writer import PartWriter
+    from resnet_features.runs import protocol as runs
 
     identity = runs.task_identity(spec, "embed", 5)
     state = layout.start_attempt(runs.fingerprint_of(identity), fresh=fresh)
@@ -400,8 +400,9 @@ def _stage_run(layout, spec, listing, value: float, *, fresh: bool = False):
 
 
 def test_commit_protocol_resume_overwrite_and_interrupted_publish(tmp_path):
-    from resnet_features import runs, storage
-    from resnet_features.models import resolve_model
+    from resnet_features.core import storage
+    from resnet_features.core.models import resolve_model
+    from resnet_features.runs import protocol as runs
 
     spec, _ = resolve_model("resnet18", "random")
     out = str(tmp_path / "out")
@@ -462,7 +463,7 @@ def test_commit_protocol_resume_overwrite_and_interrupted_publish(tmp_path):
 def test_hash_fingerprint_is_sha256_of_content(tmp_path):
     import hashlib
 
-    from resnet_features.runs import hash_fingerprints
+    from resnet_features.runs.protocol import hash_fingerprints
 
     paths = write_small(str(tmp_path), 3, seed=11)
     listing = list_images(str(tmp_path)).table

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from resnet_features.errors import error_columns
-from resnet_features.models import resolve_model
-from resnet_features.writer import PartWriter
+from resnet_features.core.errors import error_columns
+from resnet_features.core.models import resolve_model
+from resnet_features.extract.writer import PartWriter
 
 
 @pytest.fixture(scope="module")

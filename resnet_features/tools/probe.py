@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from resnet_features import storage
+from resnet_features.core import storage
 
 __all__ = [
     "HEAD_FORMAT",
@@ -127,7 +127,7 @@ def load_labelled(
     `labels`: "folder" (the image's parent folder name), "column:NAME" (a column of the output,
     e.g. a partition column) or the path of a labels file with columns uri,label.
     """
-    from resnet_features.search import open_output, read_embeddings
+    from resnet_features.tools.search import open_output, read_embeddings
 
     uris, emb = read_embeddings(output, column, storage_options)
     if labels == "folder":
@@ -309,7 +309,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from resnet_features.cli import setup_logging
-    from resnet_features.search import SearchError, read_summary
+    from resnet_features.tools.search import SearchError, read_summary
 
     setup_logging()
     parser = get_args_parser()
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--val-fraction must be within (0, 1)")
     if args.hidden < 0 or args.epochs <= 0:
         parser.error("--hidden must be >= 0 and --epochs positive")
-    from resnet_features.config import ConfigError, parse_storage_options
+    from resnet_features.core.config import ConfigError, parse_storage_options
 
     try:
         so = parse_storage_options(args.storage_options)

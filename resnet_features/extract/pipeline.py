@@ -25,14 +25,16 @@ import torch
 import torchvision
 from ray.util.annotations import RayDeprecationWarning
 
-from resnet_features import __version__, runs, storage
-from resnet_features.config import ExtractConfig
-from resnet_features.decode import Decode, DecodeOptions
-from resnet_features.gpu_decode import with_gpu_decode
-from resnet_features.inference import InferenceOptions, ModelRunner, precision_name
-from resnet_features.models import ModelSpec, resolve_model
-from resnet_features.reader import InputSpec, Listing, ReadBytes, list_inputs, listing_blocks
-from resnet_features.writer import PartWriter, WriteStats, auto_rows_per_file, now_iso
+from resnet_features import __version__
+from resnet_features.core import storage
+from resnet_features.core.config import ExtractConfig
+from resnet_features.core.models import ModelSpec, resolve_model
+from resnet_features.extract.decode import Decode, DecodeOptions
+from resnet_features.extract.gpu_decode import with_gpu_decode
+from resnet_features.extract.inference import InferenceOptions, ModelRunner, precision_name
+from resnet_features.extract.reader import InputSpec, Listing, ReadBytes, list_inputs, listing_blocks
+from resnet_features.extract.writer import PartWriter, WriteStats, auto_rows_per_file, now_iso
+from resnet_features.runs import protocol as runs
 
 __all__ = ["JobResult", "OutputExistsError", "run"]
 
@@ -223,7 +225,7 @@ def _load_head(cfg: ExtractConfig, spec: ModelSpec):
     """The --head file, checked against this run's model: a head fits one embedding space."""
     if not cfg.head:
         return None
-    from resnet_features.probe import HeadError, load_head
+    from resnet_features.tools.probe import HeadError, load_head
 
     head = load_head(cfg.head, cfg.storage_options)
     trained_on = (head.meta.get("model"), head.meta.get("weights"))
@@ -325,7 +327,7 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     rows_per_file = cfg.rows_per_file or auto_rows_per_file(spec, cfg.task, cfg.top_k)
     extras: dict[str, Any] = {}
     if cfg.layers:
-        from resnet_features.layers import layer_dims
+        from resnet_features.extract.layers import layer_dims
 
         extras["layers"] = {k: layer_dims(spec.embedding_dim)[k] for k in cfg.layers}
     if head is not None:

@@ -35,10 +35,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from resnet_features import ledger as ledgers
-from resnet_features import storage
-from resnet_features.ledger import V1_LEDGER_FILE, incremental_filter
-from resnet_features.writer import ERRORS_DIR, EXPLAIN_PNG_DIR, LEDGER_DIR, LEDGER_SCHEMA, TMP_DIR
+from resnet_features.core import storage
+from resnet_features.extract.writer import ERRORS_DIR, EXPLAIN_PNG_DIR, LEDGER_DIR, LEDGER_SCHEMA, TMP_DIR
+from resnet_features.runs import ledger as ledgers
+from resnet_features.runs.ledger import V1_LEDGER_FILE, incremental_filter
 
 __all__ = ["RunLayout", "RunState", "load_features", "task_identity", "incremental_filter",
            "incremental_decision", "read_ledgers", "retry_filter", "hash_fingerprints",

@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torchvision.models import WeightsEnum, get_model_builder, get_model_weights
 
-from resnet_features import storage
+from resnet_features.core import storage
 
 __all__ = [
     "MODEL_NAMES",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from resnet_features.models import ModelSpec, build_model
+from resnet_features.core.models import ModelSpec, build_model
 
 __all__ = ["EXPLAIN_METHODS", "Explainer", "overlay_png"]
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from resnet_features.errors import Stage, error_columns, ok_mask, set_error
-from resnet_features.models import ModelSpec, build_model
+from resnet_features.core.errors import Stage, error_columns, ok_mask, set_error
+from resnet_features.core.models import ModelSpec, build_model
 
 __all__ = ["DEVICE_FAULTS", "InferenceOptions", "ModelRunner", "ModelStageError", "TASKS"]
 
@@ -107,7 +107,7 @@ class ModelRunner:
             # Every batch has the same pixel size: let cuDNN time its algorithms once per shape.
             torch.backends.cudnn.benchmark = True
         if options.layers:
-            from resnet_features.layers import LayerBackbone, layer_dims
+            from resnet_features.extract.layers import LayerBackbone, layer_dims
 
             model = LayerBackbone(build_model(spec, state_dict), options.layers).to(self.device)
             dims = layer_dims(spec.embedding_dim)
@@ -121,7 +121,7 @@ class ModelRunner:
             self.head.module.to(self.device)
         self.explainer = None
         if options.explain:
-            from resnet_features.explain import Explainer
+            from resnet_features.extract.explain import Explainer
 
             self.explainer = Explainer(spec, state_dict, options.explain_method,
                                        options.device)

@@ -29,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from resnet_features import storage
-from resnet_features.errors import Stage, error_columns, set_error
+from resnet_features.core import storage
+from resnet_features.core.errors import Stage, error_columns, set_error
 
 __all__ = [
     "IMAGE_EXTENSIONS",

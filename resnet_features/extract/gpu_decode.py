@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from resnet_features.decode import _readonly_tensor, resize_crop_hwc
-from resnet_features.errors import Stage, error_columns, set_error
-from resnet_features.models import Preprocessing
+from resnet_features.core.errors import Stage, error_columns, set_error
+from resnet_features.core.models import Preprocessing
+from resnet_features.extract.decode import _readonly_tensor, resize_crop_hwc
 
 __all__ = ["decode_resize_batch", "with_gpu_decode"]
 

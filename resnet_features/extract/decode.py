@@ -36,8 +36,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from resnet_features.errors import Stage, error_columns, set_error
-from resnet_features.models import Preprocessing
+from resnet_features.core.errors import Stage, error_columns, set_error
+from resnet_features.core.models import Preprocessing
 
 __all__ = [
     "DecodeOptions",

@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
-from resnet_features import storage
+from resnet_features.core import storage
 
 __all__ = [
     "METRICS",
@@ -253,9 +253,9 @@ def embed_images(
     The weights file must be the one the run used: a state_dict is checked against the
     recorded sha256. Images that fail to decode raise (a query must not silently vanish).
     """
-    from resnet_features.decode import DecodeOptions, decode_image
-    from resnet_features.inference import InferenceOptions, ModelRunner
-    from resnet_features.models import Preprocessing, is_named_weights, resolve_model
+    from resnet_features.core.models import Preprocessing, is_named_weights, resolve_model
+    from resnet_features.extract.decode import DecodeOptions, decode_image
+    from resnet_features.extract.inference import InferenceOptions, ModelRunner
 
     cfg = summary.get("config", {})
     weights_arg = weights or summary.get("weights_arg") or cfg.get("weights")
@@ -335,14 +335,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from resnet_features.cli import setup_logging
-    from resnet_features.reader import InputError, list_images
+    from resnet_features.extract.reader import InputError, list_images
 
     setup_logging()
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.k <= 0 or args.nprobe <= 0:
         parser.error("-k and --nprobe must be positive")
-    from resnet_features.config import ConfigError, parse_storage_options
+    from resnet_features.core.config import ConfigError, parse_storage_options
 
     try:
         so = parse_storage_options(args.storage_options)

@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from resnet_features import storage
-from resnet_features.models import ModelSpec
+from resnet_features.core import storage
+from resnet_features.core.models import ModelSpec
 
 __all__ = ["ERROR_SCHEMA", "LEDGER_SCHEMA", "PartWriter", "WriteStats", "output_schema",
            "part_name"]
@@ -287,7 +287,7 @@ class PartWriter:
     def _write_overlays(self, batch: dict[str, np.ndarray]) -> None:
         """--explain-png: one heatmap overlay per good row, written as the batch arrives (the
         pixels are dropped right after, so they never pile up in pending parts)."""
-        from resnet_features.explain import overlay_png
+        from resnet_features.extract.explain import overlay_png
 
         for i in np.flatnonzero([not s for s in batch["error_stage"]]):
             full = storage.join(self.root, self._overlay_path(int(batch["index"][i])))

@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from resnet_features.models import MODEL_NAMES
+from resnet_features.core.models import MODEL_NAMES
 
 __all__ = [
     "ConfigError",
@@ -274,7 +274,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
             "auto", "parquet"):
         raise ConfigError("--id-column and --image-column apply to --input-format parquet")
 
-    from resnet_features.layers import parse_layers
+    from resnet_features.extract.layers import parse_layers
 
     parts = {t.strip() for t in str(args.task).split(",") if t.strip()}
     if not parts or not parts <= {"embed", "classify", "both", "explain"}:

@@ -38,8 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from resnet_features import storage
-from resnet_features.writer import LEDGER_DIR, LEDGER_SCHEMA, TMP_DIR
+from resnet_features.core import storage
+from resnet_features.extract.writer import LEDGER_DIR, LEDGER_SCHEMA, TMP_DIR
 
 __all__ = ["uri_hash", "write_run_ledger", "decide_incremental", "incremental_filter",
            "read_ledgers", "failed_uris", "load_index", "RANGE_ENTRIES", "COMPACT_AFTER_RUNS"]

@@ -1,0 +1,1 @@
+"""Core: configuration, errors, storage, model specs and weights, heads; no Ray, no job stages."""
