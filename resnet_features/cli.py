@@ -6,14 +6,10 @@ import logging
 import os
 import sys
 
-from resnet_features.core.config import ConfigError, config_from_args, get_args_parser
-from resnet_features.core.models import (
-    WeightsError,
-    hub_checkpoint_path,
-    is_named_weights,
-    named_weights,
-)
-from resnet_features.extract.reader import InputError
+from resnet_features.core.config import config_from_args, get_args_parser
+from resnet_features.core.errors import ConfigError, UsageError
+from resnet_features.core.logs import setup_logging
+from resnet_features.core.models import hub_checkpoint_path, is_named_weights, named_weights
 
 __all__ = ["main"]
 
@@ -21,12 +17,6 @@ log = logging.getLogger("resnet_features")
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-
-
-def setup_logging() -> None:
-    """The log format every entry script uses (stderr, so stdout keeps only results)."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _apply_demo(args) -> None:
@@ -83,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from resnet_features.extract.pipeline import OutputExistsError, run  # imports Ray: after validation
+    from resnet_features.extract.pipeline import run  # imports Ray: after validation
 
     try:
         result = run(cfg)
-    except (WeightsError, InputError, OutputExistsError, ValueError) as exc:
+    except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001

@@ -10,7 +10,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from resnet_features.core.models import MODEL_NAMES
+from resnet_features.core.errors import ConfigError
+from resnet_features.core.vocab import MODEL_NAMES
 
 __all__ = [
     "ConfigError",
@@ -19,10 +20,6 @@ __all__ = [
     "config_from_args",
     "parse_storage_options",
 ]
-
-
-class ConfigError(ValueError):
-    """A bad command line; the message says which flag and how to fix it."""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ import torchvision
 from torchvision.models import WeightsEnum, get_model_builder, get_model_weights
 
 from resnet_features.core import storage
+from resnet_features.core.errors import WeightsError
+from resnet_features.core.vocab import MODEL_NAMES, NAMED_WEIGHTS
 
 __all__ = [
     "MODEL_NAMES",
@@ -33,25 +35,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The ResNet family this job serves. Names are torchvision's registry names.
-MODEL_NAMES: tuple[str, ...] = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-)
-
-NAMED_WEIGHTS = ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2")
-
-
-class WeightsError(RuntimeError):
-    """The requested weights cannot be found, loaded or verified; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +83,7 @@ class ModelSpec:
 
 def _weights_enum(model: str) -> type[WeightsEnum]:
     if model not in MODEL_NAMES:
-        raise ValueError(f"unknown model {model!r}; choose one of: {', '.join(MODEL_NAMES)}")
+        raise WeightsError(f"unknown model {model!r}; choose one of: {', '.join(MODEL_NAMES)}")
     return get_model_weights(model)
 
 
@@ -111,7 +94,7 @@ def named_weights(model: str, name: str) -> WeightsEnum:
     try:
         return enum[short]
     except KeyError:
-        raise ValueError(
+        raise WeightsError(
             f"{model} has no weights {name!r}; available: DEFAULT, "
             + ", ".join(w.name for w in enum)
         ) from None
@@ -228,7 +211,7 @@ def resolve_model(
         state_dict = _load_named(entry)
         weights_id = f"{enum.__name__}.{entry.name}"
         if weights_sha256 is not None:
-            raise ValueError("--weights-sha256 applies to a state_dict file, not to named weights")
+            raise WeightsError("--weights-sha256 applies to a state_dict file, not to named weights")
     else:
         entry = named_weights(model, preprocess_from or "DEFAULT")
         if weights == "random":

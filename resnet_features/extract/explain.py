@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from resnet_features.core.models import ModelSpec, build_model
+from resnet_features.core.vocab import EXPLAIN_METHODS
 
 __all__ = ["EXPLAIN_METHODS", "Explainer", "overlay_png"]
 
-EXPLAIN_METHODS = ("gradcam", "integrated_gradients", "smoothgrad")
 
 
 class Explainer:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from resnet_features.core.vocab import LAYER_NAMES
+
 __all__ = ["LAYER_NAMES", "LayerBackbone", "layer_dims", "parse_layers"]
 
-#: The ResNet stages whose pooled outputs can be requested with --layers.
-LAYER_NAMES: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
 
 
 def parse_layers(text: str | None) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from ray.util.annotations import RayDeprecationWarning
 from resnet_features import __version__
 from resnet_features.core import storage
 from resnet_features.core.config import ExtractConfig
+from resnet_features.core.errors import ConfigError, DeviceError, OutputExistsError
 from resnet_features.core.models import ModelSpec, resolve_model
 from resnet_features.extract.decode import Decode, DecodeOptions
 from resnet_features.extract.gpu_decode import with_gpu_decode
@@ -52,10 +53,6 @@ def read_group_size(n_inputs: int, cluster_cpus: float, decode_batch_size: int) 
     CPU gets several tasks (so small inputs still spread out)."""
     spread = -(-n_inputs // max(1, int(4 * cluster_cpus)))
     return max(1, min(MAX_READ_GROUP, max(decode_batch_size, spread)))
-
-
-class OutputExistsError(RuntimeError):
-    """The output holds something the run protocol cannot take over (see the message)."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +101,7 @@ def _local_cluster_alive() -> bool:
 def _resolve_device(cfg: ExtractConfig) -> str:
     gpus = ray.cluster_resources().get("GPU", 0)
     if cfg.device == "cuda" and gpus < cfg.num_gpus_per_worker:
-        raise RuntimeError(
+        raise DeviceError(
             f"--device cuda asked for, but the Ray cluster has {gpus:g} GPUs (each model actor "
             f"needs {cfg.num_gpus_per_worker:g}); use --device cpu or add GPU workers")
     if cfg.device == "auto":
@@ -305,7 +302,7 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
                                 f"published; pass --overwrite or choose another --run-id")
     head = _load_head(cfg, spec)
     if cfg.explain_class is not None and cfg.explain_class >= spec.num_classes:
-        raise ValueError(f"--explain-class {cfg.explain_class} is out of range: {spec.name} has "
+        raise ConfigError(f"--explain-class {cfg.explain_class} is out of range: {spec.name} has "
                          f"{spec.num_classes} classes (0..{spec.num_classes - 1})")
     listing = list_inputs(cfg.input, InputSpec(
         format=cfg.input_format, image_column=cfg.image_column, id_column=cfg.id_column,
@@ -313,7 +310,7 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     table = listing.table
     if cfg.fingerprint == "hash":
         if listing.format in ("tar", "parquet"):
-            raise ValueError("--fingerprint hash reads whole objects by URI: it works for images "
+            raise ConfigError("--fingerprint hash reads whole objects by URI: it works for images "
                              "and manifests, not for tar members or Parquet rows (their stat "
                              "fingerprint already covers the shard's size and ETag/mtime)")
         table = runs.hash_fingerprints(table, cfg.storage_options)

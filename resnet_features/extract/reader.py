@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from resnet_features.core import storage
-from resnet_features.core.errors import Stage, error_columns, set_error
+from resnet_features.core.errors import InputError, Stage, error_columns, set_error
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -87,10 +87,6 @@ def stat_fingerprint(info: dict[str, Any]) -> str:
     if hasattr(mtime, "timestamp"):
         mtime = mtime.timestamp()
     return f"{size}:mtime:{mtime}"
-
-
-class InputError(RuntimeError):
-    """The input cannot be listed (missing, unreachable, or holds no images)."""
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from resnet_features.core import storage
+from resnet_features.core.errors import InputError, SearchError
 from resnet_features.extract.writer import ERRORS_DIR, EXPLAIN_PNG_DIR, LEDGER_DIR, LEDGER_SCHEMA, TMP_DIR
 from resnet_features.runs import ledger as ledgers
 from resnet_features.runs.ledger import V1_LEDGER_FILE, incremental_filter
@@ -326,7 +327,7 @@ def retry_filter(fs, root: str, run_id: str, listing: pa.Table) -> tuple[np.ndar
     """Mask of listing rows that failed in run `run_id` (a published run, finished or not)."""
     runs = {r.run_id: r for r in finished_runs(fs, root, include_failed=True)}
     if run_id not in runs:
-        raise ValueError(f"--retry-errors {run_id}: no published run=<{run_id}> under {root}; "
+        raise InputError(f"--retry-errors {run_id}: no published run=<{run_id}> under {root}; "
                          f"published runs: {', '.join(sorted(runs)) or 'none'}")
     failed = ledgers.failed_uris(fs, runs[run_id])
     todo = pc.is_in(listing.column("uri"), value_set=failed).to_numpy(zero_copy_only=False)
@@ -366,7 +367,7 @@ def load_features(output: str, run: str | None = None, *, columns: list[str] | N
     if run is not None:
         runs = [r for r in runs if r.run_id == run]
         if not runs:
-            raise ValueError(f"no finished run {run!r} under {output}")
+            raise SearchError(f"no finished run {run!r} under {output}")
     tables = []
     for order, r in enumerate(runs):
         for rel in r.manifest["files"]:

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import torch
 
 from resnet_features.core import storage
+from resnet_features.core.errors import HeadError
 
 __all__ = [
     "HEAD_FORMAT",
@@ -40,10 +41,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 HEAD_FORMAT = "resnet_features.head/1"
-
-
-class HeadError(ValueError):
-    """Bad probe input or an unusable head file; the message says how to fix it."""
 
 
 class Head(torch.nn.Module):
@@ -308,7 +305,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from resnet_features.cli import setup_logging
+    from resnet_features.core.logs import setup_logging
     from resnet_features.tools.search import SearchError, read_summary
 
     setup_logging()

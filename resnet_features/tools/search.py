@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from resnet_features.core import storage
+from resnet_features.core.errors import SearchError
 
 __all__ = [
     "METRICS",
@@ -49,10 +50,6 @@ RESULT_SCHEMA = pa.schema([
     ("score", pa.float32()),  # cosine similarity (higher is closer) or squared L2 distance
     ("metric", pa.string()),
 ])
-
-
-class SearchError(ValueError):
-    """Bad search input (no embeddings, mismatched dimensions, ...); the message says the fix."""
 
 
 def open_output(uri: str, storage_options: dict[str, Any] | None = None) -> pads.Dataset:
@@ -334,7 +331,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from resnet_features.cli import setup_logging
+    from resnet_features.core.logs import setup_logging
     from resnet_features.extract.reader import InputError, list_images
 
     setup_logging()
