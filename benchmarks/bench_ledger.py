@@ -16,7 +16,7 @@ reports the decision's time, its peak RSS above the listing and the peak bytes A
     compaction pass      the same decision when it also writes the compacted index
     index only           the next night's decision: the index alone
 
-The listing time is that of --new real (tiny) files on local disk with `reader.list_images`.
+The listing time is that of --new real (tiny) files on local disk with `inputs.list_images`.
 
     python benchmarks/bench_ledger.py [--earlier 1000000] [--scale 4000000] [--new 10000]
                                       [--runs 5] [--json out.json]
@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from resnet_features.core import storage  # noqa: E402
-from resnet_features.extract.reader import list_images  # noqa: E402
+from resnet_features.extract.inputs import list_images  # noqa: E402
 from resnet_features.extract.writer import LEDGER_SCHEMA  # noqa: E402
 from resnet_features.runs import ledger
 from resnet_features.runs import protocol as runs
@@ -225,7 +225,7 @@ def main() -> None:
 
     names = {"old": "old, all in memory", "ranges": "ranges",
              "compaction": "compaction pass", "index": "index only"}
-    print(f"\nlisting {args.new:,} new files (local disk, reader.list_images): "
+    print(f"\nlisting {args.new:,} new files (local disk, inputs.list_images): "
           f"{results['listing_new_seconds']:.2f}s")
     print(f"tonight's listing = every earlier object (1% changed) + {args.new:,} new; "
           f"earlier entries in {args.runs} runs\n")

@@ -149,8 +149,8 @@ def bench_cat(endpoint: str, prefix: str) -> dict:
 def bench_job_reader(endpoint: str, prefix: str) -> dict:
     import ray
 
+    from resnet_features.extract.inputs import InputSpec, ReadBytes, list_inputs
     from resnet_features.extract.pipeline import read_group_size
-    from resnet_features.extract.reader import InputSpec, ReadBytes, list_inputs
 
     opts = s3fs_options(endpoint)
     t0 = time.perf_counter()

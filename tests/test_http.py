@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from resnet_features.core.config import config_from_args, get_args_parser
+from resnet_features.extract.inputs import InputError, ReadBytes, list_inputs
 from resnet_features.extract.pipeline import run
-from resnet_features.extract.reader import InputError, ReadBytes, list_inputs
 
 
 class _Quiet(SimpleHTTPRequestHandler):

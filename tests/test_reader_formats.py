@@ -12,7 +12,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from resnet_features.extract.reader import InputError, InputSpec, ReadBytes, list_inputs, listing_blocks
+from resnet_features.core import vocab
+from resnet_features.extract.inputs import (
+    FORMATS,
+    INPUT_FORMATS,
+    InputError,
+    InputSpec,
+    ReadBytes,
+    list_inputs,
+    listing_blocks,
+)
 
 
 def _fetch(listing, **kw):
@@ -64,7 +73,7 @@ def test_truncated_tar_member_and_missing_shard_are_error_rows(tmp_path, blobs):
     (tmp_path / "a.tar").write_bytes(data[: 1024 + len(blobs[names[0]]) + 1024])
     out = _fetch(listing)
     assert list(out["error_stage"]) == ["", "read"]
-    assert "truncated" in out["error_message"][1]
+    assert "truncated" in out["error_message"][1] and out["error_type"][1] == "_Unreadable"
     os.remove(tmp_path / "a.tar")
     out = _fetch(listing)
     assert list(out["error_stage"]) == ["read", "read"]
@@ -177,3 +186,9 @@ def test_tar_listing_long_names_past_big_members(tmp_path, blobs):
         out = _fetch(listing)
         got = {u.split("#", 1)[1]: b for u, b in zip(out["uri"], out["bytes"])}
         assert got == {name: data for name, data in members[::2]}
+
+
+def test_registry_matches_the_command_line():
+    """Every format the CLI accepts has a registry entry, and every entry can be asked for."""
+    assert INPUT_FORMATS == vocab.INPUT_FORMATS
+    assert all(callable(f.list) and callable(f.read) for f in FORMATS.values())

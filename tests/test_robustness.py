@@ -35,7 +35,7 @@ from resnet_features.extract.inference import (
     ModelRunner,
     ModelStageError,
 )
-from resnet_features.extract.reader import ReadBytes, list_inputs
+from resnet_features.extract.inputs import ReadBytes, list_inputs
 
 # Ray workers cannot import this test module: ship its runner classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

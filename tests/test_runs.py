@@ -22,8 +22,8 @@ from PIL import Image
 from resnet_features.core.config import config_from_args, get_args_parser
 from resnet_features.core.samples import load_photo, write_samples
 from resnet_features.extract.inference import ModelRunner
+from resnet_features.extract.inputs import list_images
 from resnet_features.extract.pipeline import run
-from resnet_features.extract.reader import list_images
 from resnet_features.extract.writer import LEDGER_DIR, PartWriter
 from resnet_features.runs.protocol import incremental_filter, load_features
 

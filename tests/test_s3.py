@@ -28,8 +28,8 @@ from helpers import cosine, reference_outputs
 from s3_server import SECRET_KEY, moto_s3
 
 from resnet_features.core.config import config_from_args, get_args_parser
+from resnet_features.extract.inputs import InputSpec, ReadBytes, list_inputs
 from resnet_features.extract.pipeline import run
-from resnet_features.extract.reader import InputSpec, ReadBytes, list_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))

@@ -33,7 +33,7 @@ from resnet_features.core.models import ModelSpec, resolve_model
 from resnet_features.extract.decode import Decode, DecodeOptions
 from resnet_features.extract.gpu_decode import with_gpu_decode
 from resnet_features.extract.inference import InferenceOptions, ModelRunner, precision_name
-from resnet_features.extract.reader import InputSpec, Listing, ReadBytes, list_inputs, listing_blocks
+from resnet_features.extract.inputs import InputSpec, Listing, ReadBytes, list_inputs, listing_blocks
 from resnet_features.extract.writer import PartWriter, WriteStats, auto_rows_per_file, now_iso
 from resnet_features.runs import protocol as runs
 

@@ -332,7 +332,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from resnet_features.core.logs import setup_logging
-    from resnet_features.extract.reader import InputError, list_images
+    from resnet_features.extract.inputs import InputError, list_images
 
     setup_logging()
     parser = get_args_parser()

@@ -1,0 +1,28 @@
+"""Reading inputs: list images, tar members, Parquet rows or manifest entries (on the driver),
+then fetch their bytes in batches (on the workers). One module per format holds both halves;
+`formats.FORMATS` is the registry that `list_inputs` and `ReadBytes` dispatch through."""
+
+from resnet_features.core.errors import InputError  # what listing raises, for its callers
+from resnet_features.extract.inputs.common import (
+    IMAGE_EXTENSIONS,
+    InputSpec,
+    Listing,
+    detect_format,
+)
+from resnet_features.extract.inputs.fetch import ReadBytes
+from resnet_features.extract.inputs.formats import FORMATS, INPUT_FORMATS
+from resnet_features.extract.inputs.listing import list_images, list_inputs, listing_blocks
+
+__all__ = [
+    "FORMATS",
+    "IMAGE_EXTENSIONS",
+    "INPUT_FORMATS",
+    "InputError",
+    "InputSpec",
+    "Listing",
+    "ReadBytes",
+    "detect_format",
+    "list_images",
+    "list_inputs",
+    "listing_blocks",
+]
