@@ -15,22 +15,6 @@ from resnet_features.core.errors import InputError, Stage, set_error
 if TYPE_CHECKING:
     from resnet_features.extract.inputs.fetch import ReadBytes
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "INPUT_FAULTS",
-    "LISTING_SCHEMA",
-    "Format",
-    "InputSpec",
-    "Listed",
-    "Listing",
-    "check",
-    "check_columns",
-    "detect_format",
-    "extension",
-    "listing_table",
-    "stat_fingerprint",
-]
-
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 )
