@@ -17,8 +17,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from resnet_features.core.models import resolve_model  # noqa: E402
-from resnet_features.extract.explain import EXPLAIN_METHODS, Explainer  # noqa: E402
 from resnet_features.extract.inference import InferenceOptions, ModelRunner  # noqa: E402
+from resnet_features.extract.outputs import for_task
+from resnet_features.extract.outputs.explain import EXPLAIN_METHODS, Explainer  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +31,8 @@ def main() -> None:
     spec, state = resolve_model(args.model, "random")
     crop = spec.preprocessing.crop_size
     images = np.random.default_rng(0).integers(0, 256, (args.images, crop, crop, 3), np.uint8)
-    runner = ModelRunner(spec, state, InferenceOptions(task="both", device=args.device))
+    runner = ModelRunner(spec, state, InferenceOptions(device=args.device),
+                         for_task(spec, "both"))
     runner.forward(images[:1])  # warm-up
     t = time.perf_counter()
     runner.forward(images)

@@ -48,6 +48,7 @@ from resnet_features.core.models import resolve_model  # noqa: E402
 from resnet_features.extract.decode import Decode, DecodeOptions  # noqa: E402
 from resnet_features.extract.gpu_decode import with_gpu_decode  # noqa: E402
 from resnet_features.extract.inference import InferenceOptions, ModelRunner  # noqa: E402
+from resnet_features.extract.outputs import for_task  # noqa: E402
 
 log = logging.getLogger("gpu_node")
 
@@ -125,7 +126,7 @@ def bench_model(names: list[str], batch: int, iters: int, reps: int, device: str
             tag = "compiled" if compiled else "eager"
             t = time.perf_counter()
             runner = ModelRunner(spec, state, InferenceOptions(
-                task="both", device=device, precision="auto", compile=compiled))
+                device=device, precision="auto", compile=compiled), for_task(spec, "both"))
             try:
                 res[f"runner_{tag}_device"] = _rate(runner.forward_tensor, dev8, batch, iters,
                                                     reps, device)
@@ -134,7 +135,7 @@ def bench_model(names: list[str], batch: int, iters: int, reps: int, device: str
                 fidelity[tag] = f"failed: {type(exc).__name__}: {exc}"[:300]
                 continue
             res[f"runner_{tag}_host"] = _rate(runner.forward, host, batch, iters, reps, device)
-            emb = runner.forward(host[0])[0]
+            emb = runner.embed(host[0])
             fidelity[tag] = round(float(cosine(emb, ref_emb).min()), 5)
             log.info("%s runner %s: device %.0f, host %.0f img/s (%.1fs incl. compile)", name,
                      tag, res[f"runner_{tag}_device"], res[f"runner_{tag}_host"],
@@ -281,7 +282,7 @@ def bench_node(paths: list[str], workdir: str, batch: int, n_batches: int, devic
     spec, state = resolve_model(model, weights)
     def build(compiled: bool):
         runner = with_gpu_decode(ModelRunner)(spec, state, InferenceOptions(
-            task="embed", device=device, compile=compiled))
+            device=device, compile=compiled), for_task(spec, "embed"))
         # Warm the (compiled) model at the batch shape before anything is timed.
         runner.forward_tensor(torch.zeros((batch, 224, 224, 3), dtype=torch.uint8,
                                           device=device))

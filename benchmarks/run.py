@@ -54,6 +54,7 @@ from resnet_features.core.models import Preprocessing, resolve_model  # noqa: E4
 from resnet_features.core.samples import PHOTO_NAMES, load_photo  # noqa: E402
 from resnet_features.extract.decode import DecodeOptions, decode_image  # noqa: E402
 from resnet_features.extract.inference import InferenceOptions, ModelRunner  # noqa: E402
+from resnet_features.extract.outputs import for_task  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -233,7 +234,7 @@ def bench_fidelity(sets: dict[str, list[bytes]], variants: dict, model: str,
                    weights_path: str) -> dict:
     """Cosine of the job's embeddings (uint8 crops through ModelRunner) vs eager reference."""
     spec, state = resolve_model(model, weights_path)
-    runner = ModelRunner(spec, state, InferenceOptions(task="embed"))
+    runner = ModelRunner(spec, state, InferenceOptions(), for_task(spec, "embed"))
     ref_embed = _reference_model(model, weights_path)
     out = {}
     for kind, datas in sets.items():
@@ -245,7 +246,7 @@ def bench_fidelity(sets: dict[str, list[bytes]], variants: dict, model: str,
                                                                   spec.preprocessing)}
         for name in [v for v in variants if v.startswith("job_")]:
             pix = np.stack([variants[name](d) for d in datas])
-            emb = np.concatenate([runner.forward(pix[i:i + 16])[0]
+            emb = np.concatenate([runner.embed(pix[i:i + 16])
                                   for i in range(0, len(pix), 16)])
             cos = cosine(emb, ref)
             out[kind][name] = {"cosine_mean": round(float(cos.mean()), 5),
@@ -259,7 +260,7 @@ def bench_model(model: str, weights_path: str, batch_size: int, batches: int,
                 threads: int) -> dict:
     """Bare ModelRunner.forward on pre-decoded uint8 batches (all cores), images/s."""
     spec, state = resolve_model(model, weights_path)
-    runner = ModelRunner(spec, state, InferenceOptions(task="both", cpu_threads=threads))
+    runner = ModelRunner(spec, state, InferenceOptions(cpu_threads=threads), for_task(spec, "both"))
     crop = spec.preprocessing.crop_size
     x = np.random.default_rng(0).integers(0, 256, (batch_size, crop, crop, 3), dtype=np.uint8)
     runner.forward(x)  # warm-up

@@ -112,6 +112,7 @@ def test_deferred_jpegs_decode_in_the_model_stage(few_photos, resnet18_weights, 
     from resnet_features.core.models import resolve_model
     from resnet_features.extract.gpu_decode import with_gpu_decode
     from resnet_features.extract.inference import InferenceOptions, ModelRunner
+    from resnet_features.extract.outputs import for_task
 
     paths = sorted(glob.glob(os.path.join(few_photos, "*")))
     bad = tmp_path / "bad.jpg"
@@ -124,7 +125,7 @@ def test_deferred_jpegs_decode_in_the_model_stage(few_photos, resnet18_weights, 
     deferred = [i for i, d in enumerate(decoded["jpeg"]) if len(d)]
     assert deferred and all(uris[i].endswith(".jpg") for i in deferred)
     assert all(decoded["width"][i] > 0 for i in deferred)
-    runner = with_gpu_decode(ModelRunner)(spec, state, InferenceOptions(task="embed"))
+    runner = with_gpu_decode(ModelRunner)(spec, state, InferenceOptions(), for_task(spec, "embed"))
     out = runner(decoded)
     assert "jpeg" not in out and out["error_stage"][-1] == "decode"
     assert not any(out["error_stage"][:-1])

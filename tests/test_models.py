@@ -28,9 +28,9 @@ def test_registry_names_resolve_through_torchvision(name):
 
 
 def test_unknown_model_and_weights_name_say_what_is_available():
-    with pytest.raises(ValueError, match="choose one of: resnet18"):
+    with pytest.raises(WeightsError, match="choose one of: resnet18"):
         named_weights("resnet9", "DEFAULT")
-    with pytest.raises(ValueError, match="available: DEFAULT, IMAGENET1K_V1"):
+    with pytest.raises(WeightsError, match="available: DEFAULT, IMAGENET1K_V1"):
         named_weights("resnet34", "IMAGENET1K_V2")
 
 

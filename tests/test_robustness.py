@@ -26,6 +26,7 @@ from PIL import Image
 from torchvision.models import get_model_builder, get_model_weights
 
 from resnet_features.core.config import config_from_args, get_args_parser
+from resnet_features.core.errors import ConfigError
 from resnet_features.core.models import resolve_model
 from resnet_features.core.samples import load_photo
 from resnet_features.extract import pipeline
@@ -36,6 +37,7 @@ from resnet_features.extract.inference import (
     ModelStageError,
 )
 from resnet_features.extract.inputs import ReadBytes, list_inputs
+from resnet_features.extract.outputs import for_task
 
 # Ray workers cannot import this test module: ship its runner classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -482,7 +484,7 @@ def test_decode_worker_memory_stays_bounded_on_the_bomb(tmp_path):
 def test_failure_budget_defaults_to_five_percent():
     parser = get_args_parser()
     assert make_cfg("--input", "in", "--output", "out").max_error_rate == 0.05
-    with pytest.raises(ValueError, match="--max-error-rate must be within"):
+    with pytest.raises(ConfigError, match="--max-error-rate must be within"):
         config_from_args(parser.parse_args(["--input", "i", "--output", "o",
                                             "--max-error-rate", "1.5"]))
 
@@ -506,7 +508,7 @@ def test_model_failing_every_image_is_a_stage_fault(resnet18_spec):
 
     spec, state = resnet18_spec
     with pytest.raises(ModelStageError, match="not of the images"):
-        Broken(spec, state, InferenceOptions(task="embed"))(_images_batch(3))
+        Broken(spec, state, InferenceOptions(), for_task(spec, "embed"))(_images_batch(3))
 
 
 def test_device_fault_is_retried_then_raised(resnet18_spec):
@@ -523,14 +525,14 @@ def test_device_fault_is_retried_then_raised(resnet18_spec):
             return super().forward(images)
 
     batch = _images_batch(2)
-    expected = ModelRunner(spec, state, InferenceOptions(task="embed"))(dict(batch))
+    expected = ModelRunner(spec, state, InferenceOptions(), for_task(spec, "embed"))(dict(batch))
     Flaky.fail_times = DEVICE_RETRIES  # fails, then succeeds within its retries
-    got = Flaky(spec, state, InferenceOptions(task="embed"))(dict(batch))
+    got = Flaky(spec, state, InferenceOptions(), for_task(spec, "embed"))(dict(batch))
     assert not any(got["error_stage"])
     np.testing.assert_allclose(got["embedding"], expected["embedding"], rtol=1e-5, atol=1e-5)
     Flaky.calls, Flaky.fail_times = 0, DEVICE_RETRIES + 1  # persists: raised, not an error row
     with pytest.raises(torch.OutOfMemoryError):
-        Flaky(spec, state, InferenceOptions(task="embed"))(dict(batch))
+        Flaky(spec, state, InferenceOptions(), for_task(spec, "embed"))(dict(batch))
     assert Flaky.calls == DEVICE_RETRIES + 1
 
 

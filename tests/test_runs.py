@@ -20,6 +20,7 @@ from helpers import cosine, reference_outputs
 from PIL import Image
 
 from resnet_features.core.config import config_from_args, get_args_parser
+from resnet_features.core.errors import ConfigError
 from resnet_features.core.samples import load_photo, write_samples
 from resnet_features.extract.inference import ModelRunner
 from resnet_features.extract.inputs import list_images
@@ -363,7 +364,7 @@ def test_run_id_flags_validated():
     for bad in (["--run-id", "../x"], ["--run-id", "_hidden"],
                 ["--retry-errors", "r", "--run-id", "r"],
                 ["--retry-errors", "r", "--incremental"]):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigError):
             config_from_args(parse(base + bad))
 
 
@@ -381,6 +382,7 @@ def _fake_rows(listing: pa.Table, value: float) -> dict[str, np.ndarray]:
 
 
 def _stage_run(layout, spec, listing, value: float, *, fresh: bool = False):
+    from resnet_features.extract.outputs import for_task
     from resnet_features.extract.writer import PartWriter
     from resnet_features.runs import protocol as runs
 
@@ -390,7 +392,7 @@ def _stage_run(layout, spec, listing, value: float, *, fresh: bool = False):
                     state.committed.column("uri").to_numpy(zero_copy_only=False))
     work = listing.filter(pa.array(todo))
     work = work.set_column(0, "index", pa.array(np.arange(work.num_rows)))
-    writer = PartWriter(layout.staging_uri(), spec=spec, task="embed", listing=work,
+    writer = PartWriter(layout.staging_uri(), units=for_task(spec, "embed"), listing=work,
                         rows_per_file=3, file_metadata={}, attempt=state.attempt)
     if work.num_rows:
         writer.add(_fake_rows(work, value))

@@ -11,6 +11,7 @@ import pytest
 
 from resnet_features.core.errors import error_columns
 from resnet_features.core.models import resolve_model
+from resnet_features.extract.outputs import for_task
 from resnet_features.extract.writer import PartWriter
 
 
@@ -43,7 +44,7 @@ def result_batch(indices, fail=()):
 
 
 def test_parts_by_index_whatever_the_arrival_order(spec, tmp_path):
-    w = PartWriter(str(tmp_path), spec=spec, task="both", listing=listing(10), rows_per_file=4,
+    w = PartWriter(str(tmp_path), units=for_task(spec, "both"), listing=listing(10), rows_per_file=4,
                    file_metadata={"model": "resnet18"})
     w.add(result_batch([9, 1, 5]))
     assert w.stats.data_files == []  # no part complete yet
@@ -67,7 +68,7 @@ def test_parts_by_index_whatever_the_arrival_order(spec, tmp_path):
 
 def test_error_rows_carry_the_size_the_reader_found(spec, tmp_path):
     """Parquet cells and manifest entries are listed with size 0; the reader's size wins."""
-    w = PartWriter(str(tmp_path), spec=spec, task="embed", listing=listing(2), rows_per_file=2,
+    w = PartWriter(str(tmp_path), units=for_task(spec, "embed"), listing=listing(2), rows_per_file=2,
                    file_metadata={})
     batch = result_batch([0, 1], fail={1})
     batch["size_bytes"] = np.array([0, 12345], dtype=np.int64)
@@ -78,14 +79,14 @@ def test_error_rows_carry_the_size_the_reader_found(spec, tmp_path):
 
 
 def test_missing_rows_are_reported_not_dropped(spec, tmp_path):
-    w = PartWriter(str(tmp_path), spec=spec, task="embed", listing=listing(5), rows_per_file=4,
+    w = PartWriter(str(tmp_path), units=for_task(spec, "embed"), listing=listing(5), rows_per_file=4,
                    file_metadata={})
     w.add(result_batch([0, 1, 3, 4]))
     assert w.missing_indices() == [2]
 
 
 def test_task_decides_columns(spec, tmp_path):
-    w = PartWriter(str(tmp_path), spec=spec, task="classify", listing=listing(2),
+    w = PartWriter(str(tmp_path), units=for_task(spec, "classify"), listing=listing(2),
                    rows_per_file=4, file_metadata={})
     w.add(result_batch([0, 1]))
     names = pq.read_table(tmp_path / "part-00000.parquet").schema.names

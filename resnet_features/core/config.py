@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from resnet_features.core.errors import ConfigError
-from resnet_features.core.vocab import MODEL_NAMES
+from resnet_features.core.vocab import LAYER_NAMES, MODEL_NAMES
 
 __all__ = [
     "ConfigError",
@@ -238,6 +238,16 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     return options
 
 
+def _parse_layers(text: str | None) -> tuple[str, ...]:
+    """'layer1,layer3' -> ('layer1', 'layer3') in stage order."""
+    names = [t.strip() for t in (text or "").split(",") if t.strip()]
+    bad = [n for n in names if n not in LAYER_NAMES]
+    if bad:
+        raise ConfigError(f"--layers: unknown layer(s) {', '.join(bad)}; choose from "
+                          f"{', '.join(LAYER_NAMES)}")
+    return tuple(n for n in LAYER_NAMES if n in names)
+
+
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     """Validate parsed arguments into an ExtractConfig; raises ConfigError saying what to fix."""
     if not args.input or not args.output:
@@ -271,8 +281,6 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
             "auto", "parquet"):
         raise ConfigError("--id-column and --image-column apply to --input-format parquet")
 
-    from resnet_features.extract.layers import parse_layers
-
     parts = {t.strip() for t in str(args.task).split(",") if t.strip()}
     if not parts or not parts <= {"embed", "classify", "both", "explain"}:
         raise ConfigError(f"--task {args.task!r}: use embed, classify, both, explain or a "
@@ -289,10 +297,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     if explain_class is not None and "explain" not in parts:
         raise ConfigError("--explain-class needs explain in --task (e.g. --task both,explain)")
 
-    try:
-        layers = parse_layers(getattr(args, "layers", None))
-    except ValueError as exc:
-        raise ConfigError(f"--layers: {exc}") from None
+    layers = _parse_layers(getattr(args, "layers", None))
 
     run_id = args.run_id
     if run_id is None:

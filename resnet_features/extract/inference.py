@@ -1,8 +1,10 @@
-"""The model stage: uint8 crops in, pooled embeddings and top-k classes out, one forward pass.
+"""The model stage: uint8 crops in, the output units' columns out, from one forward pass.
 
 `ModelRunner` is built once per actor (it loads the model) and called per batch. It knows
 nothing of Ray: tests and benchmarks call it directly. Normalisation happens here, on the
-model's device, so the object store only ever carries uint8 pixels.
+model's device, so the object store only ever carries uint8 pixels. What the pass produces is
+the output units' business (`outputs/`): the runner asks the backbone for the nodes they need
+and hands each unit the pass.
 """
 
 from __future__ import annotations
@@ -10,19 +12,18 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from resnet_features.core.errors import Stage, error_columns, ok_mask, set_error
 from resnet_features.core.models import ModelSpec, build_model
+from resnet_features.extract.backbone import Backbone
+from resnet_features.extract.outputs import Forward, OutputUnit, for_task
 
-__all__ = ["DEVICE_FAULTS", "InferenceOptions", "ModelRunner", "ModelStageError", "TASKS"]
+__all__ = ["DEVICE_FAULTS", "InferenceOptions", "ModelRunner", "ModelStageError"]
 
 log = logging.getLogger(__name__)
-
-TASKS = ("embed", "classify", "both")
 
 #: Failures of the machine, not of an image: retried, then they fail the run (never error rows).
 DEVICE_FAULTS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, MemoryError)
@@ -38,26 +39,12 @@ class ModelStageError(RuntimeError):
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    task: str = "both"
-    top_k: int = 5
+    """How the model runs (what it computes is the output units')."""
+
     device: str = "cpu"  # "cpu" or "cuda" (already resolved from "auto" by the driver)
     precision: str = "auto"  # auto = bf16 (or fp16) autocast on GPU, fp32 on CPU
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None keeps torch's default
     compile: bool = False
-    layers: tuple[str, ...] = ()  # --layers: pooled outputs of these ResNet stages
-    head: Any = None  # --head: a probe.LoadedHead applied to the embeddings
-    explain: bool = False  # --task explain: a heatmap per image (explain.Explainer)
-    explain_method: str = "gradcam"
-    explain_class: int | None = None  # None: each image's top-1 class
-    keep_pixels: bool = False  # pass the uint8 crops on (for --explain-png overlays)
-
-    @property
-    def wants_embedding(self) -> bool:  # task "explain" alone: neither embedding nor top-k
-        return self.task in ("embed", "both")
-
-    @property
-    def wants_topk(self) -> bool:
-        return self.task in ("classify", "both")
 
     def autocast_dtype(self) -> torch.dtype | None:
         """The autocast dtype this run uses, or None for plain fp32."""
@@ -77,27 +64,16 @@ def precision_name(options: InferenceOptions) -> str:
     return "fp32" if dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-class _Backbone(torch.nn.Module):
-    """A torchvision ResNet split at the pooled features: returns (embedding, logits)."""
-
-    def __init__(self, resnet: torch.nn.Module):
-        super().__init__()
-        self.resnet = resnet
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self.resnet
-        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
-        x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
-        emb = torch.flatten(r.avgpool(x), 1)
-        return emb, r.fc(emb)
-
-
 class ModelRunner:
-    """Batch stage: `image` (N, H, W, 3) uint8 -> `embedding` and/or `topk_ids`/`topk_scores`."""
+    """Batch stage: `image` (N, H, W, 3) uint8 -> the columns of `outputs` (default: the
+    embedding and the top-5 classes)."""
 
-    def __init__(self, spec: ModelSpec, state_dict, options: InferenceOptions):
+    def __init__(self, spec: ModelSpec, state_dict, options: InferenceOptions | None = None,
+                 outputs: tuple[OutputUnit, ...] | None = None):
+        options = options or InferenceOptions()
         self.spec = spec
         self.options = options
+        self.outputs = tuple(outputs) if outputs is not None else for_task(spec)
         if options.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for but this worker sees no CUDA device")
         if options.device == "cpu" and options.cpu_threads:
@@ -106,26 +82,10 @@ class ModelRunner:
         if self.device.type == "cuda":
             # Every batch has the same pixel size: let cuDNN time its algorithms once per shape.
             torch.backends.cudnn.benchmark = True
-        if options.layers:
-            from resnet_features.extract.layers import LayerBackbone, layer_dims
-
-            model = LayerBackbone(build_model(spec, state_dict), options.layers).to(self.device)
-            dims = layer_dims(spec.embedding_dim)
-            self.layer_dims = {name: dims[name] for name in options.layers}
-        else:
-            model = _Backbone(build_model(spec, state_dict)).to(self.device)
-            self.layer_dims = {}
-        self.last_layers: dict[str, np.ndarray] = {}
-        self.head = options.head
-        if self.head is not None:
-            self.head.module.to(self.device)
-        self.explainer = None
-        if options.explain:
-            from resnet_features.extract.explain import Explainer
-
-            self.explainer = Explainer(spec, state_dict, options.explain_method,
-                                       options.device)
-        self.model = model.to(memory_format=torch.channels_last).eval()
+        nodes = frozenset().union(*(u.nodes for u in self.outputs))
+        self.resnet = build_model(spec, state_dict).to(self.device).to(
+            memory_format=torch.channels_last).eval()
+        self.model = Backbone(self.resnet, nodes)
         if options.compile:
             self.model = torch.compile(self.model)
         prep = spec.preprocessing
@@ -135,24 +95,26 @@ class ModelRunner:
         self.scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(self.device)
         self.shift = (-mean / std).view(1, 3, 1, 1).to(self.device)
         self.autocast = options.autocast_dtype()
-        self.k = min(options.top_k, spec.num_classes)
         self._staging: torch.Tensor | None = None  # reusable pinned host buffer (GPU only)
-        log.info("model %s (%s) on %s, precision %s", spec.name, spec.weights_id,
-                 self.device, precision_name(options))
+        self._staged: torch.cuda.Event | None = None  # its last copy to the device
+        for unit in self.outputs:
+            unit.setup(self)
+        log.info("model %s (%s) on %s, precision %s, outputs %s", spec.name, spec.weights_id,
+                 self.device, precision_name(options),
+                 ", ".join(u.name for u in self.outputs))
 
     def _autocast(self):
         if self.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast)
 
-    @torch.inference_mode()
-    def forward(self, images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(N, H, W, 3) uint8 (array, or tensor on any device) -> embeddings (N, D), top-k ids
-        (N, k), top-k probabilities."""
-        x = self.to_device(images)
-        emb, ids, scores = self.forward_tensor(x)
-        return (emb.float().cpu().numpy(), ids.to(torch.int32).cpu().numpy(),
-                scores.cpu().numpy())
+    def forward(self, images) -> dict[str, torch.Tensor]:
+        """(N, H, W, 3) uint8 (array, or tensor on any device) -> {node: tensor on the device}."""
+        return self.forward_tensor(self.to_device(images))
+
+    def embed(self, images) -> np.ndarray:
+        """(N, H, W, 3) uint8 -> pooled embeddings (N, D) float32 on the host."""
+        return self.forward(images)["embedding"].float().cpu().numpy()
 
     def to_device(self, images) -> torch.Tensor:
         """A uint8 batch (array or tensor) on the model's device.
@@ -166,32 +128,31 @@ class ModelRunner:
             return x.to(self.device)
         if not x.is_pinned():
             x = x.contiguous()
+            if self._staged is not None:
+                self._staged.synchronize()  # the previous copy out of the buffer is done
             if self._staging is None or self._staging.numel() < x.numel():
                 self._staging = torch.empty(x.numel(), dtype=torch.uint8).pin_memory()
             staged = self._staging[:x.numel()].view(x.shape)
             staged.copy_(x)
             x = staged
-        # The buffer is reused by the next call only after this one has copied its results
-        # back to the host, which waits for the device: the copy below is complete by then.
+            out = x.to(self.device, non_blocking=True)
+            self._staged = torch.cuda.Event()
+            self._staged.record()
+            return out
         return x.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def forward_tensor(self, images: torch.Tensor):
+    def forward_tensor(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """(N, H, W, 3) uint8 tensor already on the model's device (e.g. from nvJPEG) ->
-        embeddings, top-k ids and probabilities, as tensors on the device."""
+        the backbone's nodes, as tensors on the device."""
         # NHWC memory viewed as NCHW is exactly channels_last: no layout copy.
         x = images.permute(0, 3, 1, 2)
         x = x.float().mul_(self.scale).add_(self.shift).contiguous(
             memory_format=torch.channels_last)
         with self._autocast():
-            emb, logits, *extra = self.model(x)
-        if extra:  # LayerBackbone: pooled stage outputs, kept for __call__
-            self.last_layers = {k: v.float().cpu().numpy() for k, v in extra[0].items()}
-        probs = torch.softmax(logits.float(), dim=1)
-        scores, ids = torch.topk(probs, self.k, dim=1)
-        return emb, ids, scores
+            return self.model(x)
 
-    def _forward_retrying(self, images: np.ndarray):
+    def _forward_retrying(self, images) -> dict[str, torch.Tensor]:
         """`forward`, retried a bounded number of times on DEVICE_FAULTS (then re-raised)."""
         for attempt in range(DEVICE_RETRIES + 1):
             try:
@@ -204,64 +165,56 @@ class ModelRunner:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
+    def _forward_rows(self, images, rows: np.ndarray, out: dict[str, np.ndarray]
+                      ) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+        """The pass over `rows`; if the batch fails, image by image, marking the images that
+        still fail as `infer` errors. Returns the rows that have results and their nodes."""
+        try:
+            return rows, self._forward_retrying(images)
+        except DEVICE_FAULTS:
+            raise  # the device's fault, not the images': let the run fail loudly
+        except Exception as batch_exc:  # noqa: BLE001
+            # One poisoned image must not take its batch into the error table: retry each
+            # image alone and record only those that still fail.
+            log.warning("batch of %d failed in the model (%s: %s); retrying image by image",
+                        len(rows), type(batch_exc).__name__, batch_exc)
+            done, parts, failures = [], [], []
+            for j, i in enumerate(rows):
+                try:
+                    parts.append(self._forward_retrying(images[j:j + 1]))
+                    done.append(i)
+                except DEVICE_FAULTS:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    failures.append((int(i), exc))
+            if len(rows) > 1 and len(failures) == len(rows):
+                # A model that fails on every image is broken (bad weights, a dead device, a
+                # bug); recording its whole input as "bad images" would hide that.
+                raise ModelStageError(
+                    f"the model failed on a batch of {len(rows)} images and on each of them "
+                    f"alone ({type(failures[0][1]).__name__}: {failures[0][1]}); this is a "
+                    f"fault of the model stage, not of the images") from batch_exc
+            for i, exc in failures:
+                set_error(out, i, Stage.INFER, exc)
+            acts = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+            return np.asarray(done, dtype=np.int64), acts
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["uri"])
-        out = {k: v for k, v in batch.items() if k != "image" or self.options.keep_pixels}
+        out = {k: v for k, v in batch.items() if k != "image"}
         if "error_stage" not in out:
             out.update(error_columns(n))
-        emb = np.zeros((n, self.spec.embedding_dim), dtype=np.float32)
-        ids = np.zeros((n, self.k), dtype=np.int32)
-        scores = np.zeros((n, self.k), dtype=np.float32)
-        layers = {k: np.zeros((n, d), dtype=np.float32) for k, d in self.layer_dims.items()}
         rows = np.flatnonzero(ok_mask(out))
+        acts: dict[str, torch.Tensor] = {}
+        images = batch["image"][:0]
         if len(rows):
-            try:
-                # All rows fine (the usual case): no fancy-indexing copy of the whole batch.
-                images = batch["image"] if len(rows) == n else batch["image"][rows]
-                emb[rows], ids[rows], scores[rows] = self._forward_retrying(images)
-                for k in layers:
-                    layers[k][rows] = self.last_layers[k]
-            except DEVICE_FAULTS:
-                raise  # the device's fault, not the images': let the run fail loudly
-            except Exception as batch_exc:  # noqa: BLE001
-                # One poisoned image must not take its batch into the error table: retry
-                # each image alone and record only those that still fail.
-                log.warning("batch of %d failed in the model (%s: %s); retrying image by image",
-                            len(rows), type(batch_exc).__name__, batch_exc)
-                failures: list[tuple[int, Exception]] = []
-                for i in rows:
-                    try:
-                        emb[i], ids[i], scores[i] = (
-                            a[0] for a in self._forward_retrying(batch["image"][i:i + 1]))
-                        for k in layers:
-                            layers[k][i] = self.last_layers[k][0]
-                    except DEVICE_FAULTS:
-                        raise
-                    except Exception as exc:  # noqa: BLE001
-                        failures.append((int(i), exc))
-                if len(rows) > 1 and len(failures) == len(rows):
-                    # A model that fails on every image is broken (bad weights, a dead device,
-                    # a bug); recording its whole input as "bad images" would hide that.
-                    raise ModelStageError(
-                        f"the model failed on a batch of {len(rows)} images and on each of them "
-                        f"alone ({type(failures[0][1]).__name__}: {failures[0][1]}); this is a "
-                        f"fault of the model stage, not of the images") from batch_exc
-                for i, exc in failures:
-                    set_error(out, i, Stage.INFER, exc)
-        if self.options.wants_embedding:
-            out["embedding"] = emb
-        if self.options.wants_topk:
-            out["topk_ids"] = ids
-            out["topk_scores"] = scores
-        out.update(layers)
-        if self.explainer is not None:
-            target = (ids[:, 0] if self.options.explain_class is None
-                      else np.full(n, self.options.explain_class, dtype=np.int32))
-            maps = np.zeros((n, self.explainer.grid ** 2), dtype=np.float16)
-            rows = np.flatnonzero(ok_mask(out))
-            if len(rows):
-                maps[rows] = self.explainer(batch["image"][rows], target[rows])
-            out["explain_map"], out["explain_class"] = maps, target.astype(np.int32)
-        if self.head is not None:
-            out["head_id"], out["head_score"] = self.head.predict(emb)
+            # All rows fine (the usual case): no fancy-indexing copy of the whole batch.
+            images = batch["image"] if len(rows) == n else batch["image"][rows]
+            done, acts = self._forward_rows(images, rows, out)
+            if len(done) < len(rows):
+                images = images[np.isin(rows, done)]
+            rows = done
+        fwd = Forward(n=n, rows=rows, acts=acts, images=images, runner=self)
+        for unit in self.outputs:
+            out.update(unit.compute(fwd, out))
         return out

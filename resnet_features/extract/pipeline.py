@@ -34,6 +34,7 @@ from resnet_features.extract.decode import Decode, DecodeOptions
 from resnet_features.extract.gpu_decode import with_gpu_decode
 from resnet_features.extract.inference import InferenceOptions, ModelRunner, precision_name
 from resnet_features.extract.inputs import InputSpec, Listing, ReadBytes, list_inputs, listing_blocks
+from resnet_features.extract.outputs import build_outputs, units_metadata
 from resnet_features.extract.writer import PartWriter, WriteStats, auto_rows_per_file, now_iso
 from resnet_features.runs import protocol as runs
 
@@ -65,9 +66,10 @@ class JobResult:
 class _ModelActor:
     """Ray actor shell around the Ray-free ModelRunner; gets the weights from the object store."""
 
-    def __init__(self, runner_cls, spec: ModelSpec, state_ref: list, options: InferenceOptions):
+    def __init__(self, runner_cls, spec: ModelSpec, state_ref: list, options: InferenceOptions,
+                 outputs: tuple):
         state_dict = ray.get(state_ref[0]) if state_ref else None
-        self.runner = runner_cls(spec, state_dict, options)
+        self.runner = runner_cls(spec, state_dict, options, outputs)
 
     def __call__(self, batch):
         return self.runner(batch)
@@ -118,6 +120,7 @@ def build_dataset(
     spec: ModelSpec,
     state_ref: list,
     options: InferenceOptions,
+    outputs: tuple,
     runner_cls: Callable = ModelRunner,
 ) -> ray.data.Dataset:
     """The streaming Dataset of result batches; nothing runs until it is iterated."""
@@ -153,7 +156,8 @@ def build_dataset(
         ds = ds.map_batches(Decode(spec.preprocessing, decode_options),
                             batch_size=cfg.decode_batch_size, batch_format="numpy",
                             num_cpus=cfg.decode_num_cpus, max_retries=TASK_RETRIES)
-        return _map_model(ds, cfg, spec, state_ref, options, runner_cls, table.num_rows)
+        return _map_model(ds, cfg, spec, state_ref, options, outputs, runner_cls,
+                          table.num_rows)
 
 
 def _node_cpus() -> float:
@@ -189,7 +193,7 @@ def _cpu_layout(cfg: ExtractConfig, n_inputs: int, batch_size: int, node_cpus: f
     return size, threads, cfg.num_cpus_per_worker or min(threads / 2, cluster_cpus / 2 / size)
 
 
-def _map_model(ds, cfg, spec, state_ref, options, runner_cls, n_inputs: int
+def _map_model(ds, cfg, spec, state_ref, options, outputs, runner_cls, n_inputs: int
                ) -> ray.data.Dataset:
     gpu = options.device == "cuda"
     batch_size = cfg.batch_size or (256 if gpu else 32)
@@ -208,7 +212,7 @@ def _map_model(ds, cfg, spec, state_ref, options, runner_cls, n_inputs: int
     return ds.map_batches(
         _ModelActor,
         fn_constructor_kwargs={"runner_cls": runner_cls, "spec": spec, "state_ref": state_ref,
-                               "options": options},
+                               "options": options, "outputs": outputs},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=4),
@@ -216,25 +220,6 @@ def _map_model(ds, cfg, spec, state_ref, options, runner_cls, n_inputs: int
         max_task_retries=TASK_RETRIES,
         **resources,
     )
-
-
-def _load_head(cfg: ExtractConfig, spec: ModelSpec):
-    """The --head file, checked against this run's model: a head fits one embedding space."""
-    if not cfg.head:
-        return None
-    from resnet_features.tools.probe import HeadError, load_head
-
-    head = load_head(cfg.head, cfg.storage_options)
-    trained_on = (head.meta.get("model"), head.meta.get("weights"))
-    if head.module.mean.shape[0] != spec.embedding_dim or trained_on[0] != spec.name:
-        raise HeadError(f"--head {cfg.head} was trained on {trained_on[0]} embeddings "
-                        f"({head.module.mean.shape[0]}-d); this run uses {spec.name} "
-                        f"({spec.embedding_dim}-d)")
-    if trained_on[1] != spec.weights_id:
-        raise HeadError(f"--head {cfg.head} was trained on embeddings from weights "
-                        f"{trained_on[1]}, this run uses {spec.weights_id}: pass the same "
-                        f"--weights")
-    return head
 
 
 def _noop(cfg: ExtractConfig, finished: dict[str, Any]) -> JobResult:
@@ -300,10 +285,7 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
             and not cfg.overwrite):
         raise OutputExistsError(f"{cfg.output}/run={cfg.run_id}/ exists but is no run this job "
                                 f"published; pass --overwrite or choose another --run-id")
-    head = _load_head(cfg, spec)
-    if cfg.explain_class is not None and cfg.explain_class >= spec.num_classes:
-        raise ConfigError(f"--explain-class {cfg.explain_class} is out of range: {spec.name} has "
-                         f"{spec.num_classes} classes (0..{spec.num_classes - 1})")
+    units = build_outputs(cfg, spec)  # a bad --head or --explain-class fails here
     listing = list_inputs(cfg.input, InputSpec(
         format=cfg.input_format, image_column=cfg.image_column, id_column=cfg.id_column,
         uri_column=cfg.uri_column, keep_columns=cfg.keep_columns), cfg.storage_options)
@@ -321,25 +303,12 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
              state.attempt, work.num_rows, table.num_rows, skipped)
     options, device, missing, bytes_read = None, "none", [], 0
     stats = WriteStats()
-    rows_per_file = cfg.rows_per_file or auto_rows_per_file(spec, cfg.task, cfg.top_k)
-    extras: dict[str, Any] = {}
-    if cfg.layers:
-        from resnet_features.extract.layers import layer_dims
-
-        extras["layers"] = {k: layer_dims(spec.embedding_dim)[k] for k in cfg.layers}
-    if head is not None:
-        extras["head"] = {"path": cfg.head, "classes": list(head.classes)}
-    if cfg.explain:
-        extras["explain"] = {"method": cfg.explain_method, "class": cfg.explain_class,
-                             "grid": spec.preprocessing.crop_size // 32, "layer": "layer4"}
+    rows_per_file = cfg.rows_per_file or auto_rows_per_file(units)
+    extras = units_metadata(units)
     if work.num_rows:
         _init_ray()
         device = _resolve_device(cfg)
-        options = InferenceOptions(task=cfg.task, top_k=cfg.top_k, device=device,
-                                   precision=cfg.precision, compile=cfg.compile,
-                                   layers=cfg.layers, head=head, explain=cfg.explain,
-                                   explain_method=cfg.explain_method,
-                                   explain_class=cfg.explain_class, keep_pixels=cfg.explain_png)
+        options = InferenceOptions(device=device, precision=cfg.precision, compile=cfg.compile)
         file_metadata = {
             "package_version": __version__,
             "model": spec.name,
@@ -352,16 +321,13 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
             "task_fingerprint": task_fp,
             **extras,
         }
-        writer = PartWriter(layout.staging_uri(), spec=spec, task=cfg.task, listing=work,
+        writer = PartWriter(layout.staging_uri(), units=units, listing=work,
                             rows_per_file=rows_per_file, file_metadata=file_metadata,
                             storage_options=cfg.storage_options, attempt=state.attempt,
-                            extra=extra, layers=extras.get("layers"),
-                            head_classes=head.classes if head is not None else None,
-                            explain_grid=extras["explain"]["grid"] if cfg.explain else None,
-                            explain_png=cfg.explain_png)
+                            extra=extra)
         state_ref = [ray.put(state_dict)] if state_dict is not None else []
         ds = build_dataset(cfg, replace(listing, table=work, extra=extra), spec,
-                           state_ref, options, runner_cls)
+                           state_ref, options, units, runner_cls)
         n, done, last_log = work.num_rows, 0, time.perf_counter()
         work_t0 = time.perf_counter()
         batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))

@@ -22,9 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from resnet_features.core import storage
-from resnet_features.core.models import ModelSpec
+from resnet_features.extract.outputs import OutputUnit, output_schema, row_bytes
+from resnet_features.runs.layout import EXPLAIN_PNG_DIR  # noqa: F401  (runs imports it here)
 
-__all__ = ["ERROR_SCHEMA", "LEDGER_SCHEMA", "PartWriter", "WriteStats", "output_schema",
+__all__ = ["ERROR_SCHEMA", "LEDGER_SCHEMA", "PartWriter", "WriteStats", "auto_rows_per_file",
            "part_name"]
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ ERRORS_DIR = "_errors"
 STAGING_DIR = "_staging"
 SUCCESS_FILE = "_SUCCESS"
 SUMMARY_FILE = "_summary.json"
-EXPLAIN_PNG_DIR = "_explain_png"  # "_": dataset readers skip it
 LEDGER_DIR = "_ledger"
 TMP_DIR = "_tmp"
 
@@ -57,66 +57,20 @@ ERROR_SCHEMA = pa.schema(
 )
 
 
-def output_schema(spec: ModelSpec, task: str, metadata: dict[str, str] | None = None, *,
-                  layers: dict[str, int] | None = None, head: bool = False,
-                  explain_grid: int | None = None, explain_png: bool = False) -> pa.Schema:
-    """The documented output schema for a model and task (standard Arrow types only).
-
-    `layers` ({name: channels}, from --layers) and `head` (--head) add optional columns; without
-    them the schema is the default one.
-    """
-    fields = [pa.field("uri", pa.string(), nullable=False)]
-    if task in ("embed", "both"):
-        fields.append(pa.field("embedding", pa.list_(pa.float32(), spec.embedding_dim)))
-    if task in ("classify", "both"):
-        fields += [
-            pa.field("topk_ids", pa.list_(pa.int32())),
-            pa.field("topk_labels", pa.list_(pa.string())),
-            pa.field("topk_scores", pa.list_(pa.float32())),
-        ]
-    for name, dim in (layers or {}).items():
-        fields.append(pa.field(name, pa.list_(pa.float32(), dim)))
-    if head:
-        fields += [pa.field("head_label", pa.string()), pa.field("head_score", pa.float32())]
-    if explain_grid:  # row-major (grid x grid) heatmap over the model's input crop
-        fields += [pa.field("explain_map", pa.list_(pa.float16(), explain_grid * explain_grid)),
-                   pa.field("explain_class", pa.int32()), pa.field("explain_label", pa.string())]
-        if explain_png:  # relative path of the overlay PNG
-            fields.append(pa.field("explain_png", pa.string()))
-    fields += [pa.field("width", pa.int32()), pa.field("height", pa.int32())]
-    return pa.schema(fields, metadata=metadata)
-
-
 #: Output file size `auto_rows_per_file` aims at: big enough for efficient downstream scans,
 #: small enough for many parallel readers (64-256 MB is the usual advice for Parquet).
 TARGET_FILE_BYTES = 128 * 1024 * 1024
 
 
-def auto_rows_per_file(spec: ModelSpec, task: str, top_k: int) -> int:
-    """Rows per part for ~TARGET_FILE_BYTES files: float32 embeddings barely compress, so the
-    embedding dominates; top-k lists and the uri add roughly 20 bytes per k plus ~100."""
-    per_row = 100
-    if task in ("embed", "both"):
-        per_row += 4 * spec.embedding_dim
-    if task in ("classify", "both"):
-        per_row += 20 * top_k
-    return max(1000, TARGET_FILE_BYTES // per_row)
+def auto_rows_per_file(units: list[OutputUnit] | tuple[OutputUnit, ...]) -> int:
+    """Rows per part for ~TARGET_FILE_BYTES files, from the units' stored bytes per row (float
+    embeddings barely compress, so the estimate is close); at least 64 rows."""
+    return max(64, TARGET_FILE_BYTES // row_bytes(units))
 
 
 def part_name(part: int, attempt: int = 0) -> str:
     """`part-00000.parquet`; parts of a resumed attempt k>0 are `part-00000-rk.parquet`."""
     return f"part-{part:05d}.parquet" if attempt == 0 else f"part-{part:05d}-r{attempt}.parquet"
-
-
-def _fixed_size_list(values: np.ndarray) -> pa.Array:
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
-
-
-def _list_array(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    n, k = values.shape
-    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=value_type))
 
 
 @dataclass
@@ -139,38 +93,25 @@ class PartWriter:
         self,
         output_uri: str,
         *,
-        spec: ModelSpec,
-        task: str,
+        units: tuple[OutputUnit, ...],
         listing: pa.Table,
         rows_per_file: int,
         file_metadata: dict[str, Any],
         storage_options: dict[str, Any] | None = None,
         extra: pa.Table | None = None,
-        layers: dict[str, int] | None = None,
-        head_classes: tuple[str, ...] | None = None,
-        explain_grid: int | None = None,
-        explain_png: bool = False,
         attempt: int = 0,
     ):
         self.fs, self.root = storage.filesystem(output_uri, storage_options)
         self.attempt = attempt
         self.output_uri = output_uri
-        self.spec = spec
-        self.task = task
+        self.units = tuple(units)
         self.rows_per_file = rows_per_file
-        self.categories = np.asarray(spec.categories, dtype=object)
         meta = {"resnet_features": json.dumps(file_metadata, sort_keys=True)}
-        self.layers = dict(layers or {})
-        self.head_classes = (np.asarray(head_classes, dtype=object)
-                             if head_classes is not None else None)
-        self.schema = output_schema(spec, task, meta, layers=self.layers,
-                                    head=head_classes is not None, explain_grid=explain_grid,
-                                    explain_png=explain_png)
         # Input columns carried through (--id-column/--keep-columns), row i = listing index i.
         self.extra = extra
-        if extra is not None:
-            for f in extra.schema:
-                self.schema = self.schema.append(f)
+        self.schema = output_schema(self.units, meta,
+                                    carried=extra.schema if extra is not None else None)
+        self.transient = tuple(c for u in self.units for c in u.transient)
         self.error_schema = ERROR_SCHEMA.with_metadata(meta)
         self.n_inputs = listing.num_rows
         self.n_parts = max(1, -(-self.n_inputs // rows_per_file))
@@ -190,10 +131,9 @@ class PartWriter:
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         """Take a result batch; write every part it completes."""
-        if "image" in batch:
-            if "explain_png" in self.schema.names:
-                self._write_overlays(batch)
-            batch = {k: v for k, v in batch.items() if k != "image"}
+        if self.transient:
+            self._write_side_files(batch)
+            batch = {k: v for k, v in batch.items() if k not in self.transient}
         index = batch["index"].astype(np.int64)
         keep = ~self.seen[index]
         first = np.zeros(len(index), dtype=bool)
@@ -225,7 +165,8 @@ class PartWriter:
         name = part_name(part, self.attempt)
         files = np.full(len(failed), name, dtype=object)
         if ok.any():
-            self._write(self._rows_table({k: v[ok] for k, v in merged.items()}), name)
+            self._write(self._rows_table({k: v[ok] for k, v in merged.items()},
+                                         name.removesuffix(".parquet")), name)
         if failed.any():
             files[failed] = storage.join(ERRORS_DIR, name)
             self._write(self._errors_table({k: v[failed] for k, v in merged.items()}),
@@ -245,32 +186,10 @@ class PartWriter:
         self.stats.succeeded += int(ok.sum())
         self.stats.failed += int(failed.sum())
 
-    def _rows_table(self, rows: dict[str, np.ndarray]) -> pa.Table:
+    def _rows_table(self, rows: dict[str, np.ndarray], stem: str) -> pa.Table:
         cols: dict[str, pa.Array] = {"uri": pa.array(rows["uri"].astype(str), pa.string())}
-        if "embedding" in self.schema.names:
-            cols["embedding"] = _fixed_size_list(rows["embedding"])
-        if "topk_ids" in self.schema.names:
-            ids = rows["topk_ids"].astype(np.int32)
-            cols["topk_ids"] = _list_array(ids, pa.int32())
-            cols["topk_labels"] = _list_array(self.categories[ids], pa.string())
-            cols["topk_scores"] = _list_array(rows["topk_scores"].astype(np.float32),
-                                              pa.float32())
-        for name in self.layers:
-            cols[name] = _fixed_size_list(rows[name])
-        if self.head_classes is not None:
-            cols["head_label"] = pa.array(self.head_classes[rows["head_id"].astype(np.int64)],
-                                          pa.string())
-            cols["head_score"] = pa.array(rows["head_score"].astype(np.float32))
-        if "explain_map" in self.schema.names:
-            maps = np.ascontiguousarray(rows["explain_map"], dtype=np.float16)
-            cols["explain_map"] = pa.FixedSizeListArray.from_arrays(
-                pa.array(maps.reshape(-1), pa.float16()), maps.shape[1])
-            cls = rows["explain_class"].astype(np.int32)
-            cols["explain_class"] = pa.array(cls)
-            cols["explain_label"] = pa.array(self.categories[cls], pa.string())
-        if "explain_png" in self.schema.names:
-            cols["explain_png"] = pa.array([self._overlay_path(int(i)) for i in rows["index"]],
-                                           pa.string())
+        for unit in self.units:
+            cols.update(unit.encode(rows, stem))
         cols["width"] = pa.array(rows["width"].astype(np.int32))
         cols["height"] = pa.array(rows["height"].astype(np.int32))
         if self.extra is not None:
@@ -279,21 +198,21 @@ class PartWriter:
                 cols[name] = taken.column(name).combine_chunks()
         return pa.Table.from_pydict(cols, schema=self.schema)
 
-    def _overlay_path(self, index: int) -> str:
-        # Attempt-aware like the parts: a resumed attempt re-indexes its inputs from 0.
-        part = part_name(index // self.rows_per_file, self.attempt).removesuffix(".parquet")
-        return storage.join(EXPLAIN_PNG_DIR, part, f"{index:08d}.png")
+    def part_stem(self, index: int) -> str:
+        """The stem of the part an input (listing index) belongs to: `part-00000[-rk]`."""
+        return part_name(index // self.rows_per_file, self.attempt).removesuffix(".parquet")
 
-    def _write_overlays(self, batch: dict[str, np.ndarray]) -> None:
-        """--explain-png: one heatmap overlay per good row, written as the batch arrives (the
-        pixels are dropped right after, so they never pile up in pending parts)."""
-        from resnet_features.extract.explain import overlay_png
-
-        for i in np.flatnonzero([not s for s in batch["error_stage"]]):
-            full = storage.join(self.root, self._overlay_path(int(batch["index"][i])))
-            self.fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
-            with self.fs.open(full, "wb") as f:
-                f.write(overlay_png(batch["image"][i], batch["explain_map"][i]))
+    def _write_side_files(self, batch: dict[str, np.ndarray]) -> None:
+        """The units' files beside the parts (e.g. --explain-png overlays), written as the
+        batch arrives, for the rows that succeeded; before their part's ledger commits it."""
+        ok = np.flatnonzero([not s for s in batch["error_stage"]])
+        rows = {k: v[ok] for k, v in batch.items()}
+        for unit in self.units:
+            for rel, data in unit.side_files(rows, self.part_stem):
+                full = storage.join(self.root, rel)
+                self.fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
+                with self.fs.open(full, "wb") as f:
+                    f.write(data)
 
     def _errors_table(self, rows: dict[str, np.ndarray]) -> pa.Table:
         return pa.Table.from_pydict(

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 
 from resnet_features.core import storage
 from resnet_features.core.errors import HeadError
+from resnet_features.extract.outputs.head import HEAD_FORMAT, Head, load_head, save_head
 
 __all__ = [
     "HEAD_FORMAT",
@@ -39,48 +39,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-HEAD_FORMAT = "resnet_features.head/1"
-
-
-class Head(torch.nn.Module):
-    """L2-normalise, standardise with the training statistics, then linear (or 1-hidden MLP)."""
-
-    def __init__(self, dim: int, n_classes: int, hidden: int = 0):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("std", torch.ones(dim))
-        self.hidden = hidden
-        if hidden:
-            self.net = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(),
-                                           torch.nn.Linear(hidden, n_classes))
-        else:
-            self.net = torch.nn.Sequential(torch.nn.Linear(dim, n_classes))
-
-    def features(self, emb: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.normalize(emb.float(), dim=1, eps=1e-12)
-        return (x - self.mean) / self.std
-
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.net(self.features(emb))
-
-
-@dataclass
-class LoadedHead:
-    """A head ready to apply, with the class names and what it was trained on."""
-
-    module: Head
-    classes: tuple[str, ...]
-    meta: dict[str, Any]
-
-    @torch.inference_mode()
-    def predict(self, emb: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings (n, D) -> class ids (n,) int32 and softmax scores (n,) float32."""
-        x = torch.as_tensor(emb).float().to(self.module.mean.device)
-        probs = torch.softmax(self.module(x), dim=1)
-        score, ids = probs.max(dim=1)
-        return ids.to(torch.int32).cpu().numpy(), score.float().cpu().numpy()
-
 
 # ---------------------------------------------------------------------------- labels and data
 
@@ -241,38 +199,6 @@ def save_confusion_png(conf: list[list[int]], classes: list[str], path: str,
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-# ---------------------------------------------------------------------------- head files
-
-
-def save_head(head: Head, classes: list[str], path: str, meta: dict[str, Any]) -> None:
-    """A plain dict of tensors, strings and numbers: loadable with `weights_only=True`."""
-    obj = {"format": HEAD_FORMAT, "classes": list(classes), "hidden": int(head.hidden),
-           "embedding_dim": int(head.mean.shape[0]),
-           "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
-           "meta": json.dumps(meta, sort_keys=True, default=str)}
-    fs, p = storage.filesystem(path)
-    with fs.open(p, "wb") as f:
-        torch.save(obj, f)
-
-
-def load_head(path: str, storage_options: dict[str, Any] | None = None) -> LoadedHead:
-    import io
-
-    try:
-        obj = torch.load(io.BytesIO(storage.read_bytes(path, storage_options)),
-                         map_location="cpu", weights_only=True)
-    except (OSError, ValueError) as exc:
-        raise HeadError(f"cannot read head {path}: {type(exc).__name__}: {exc}") from exc
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise HeadError(f"cannot load head {path} with weights_only=True: {exc}") from exc
-    if not isinstance(obj, dict) or obj.get("format") != HEAD_FORMAT:
-        raise HeadError(f"{path} is not a head saved by linear_probe.py ({HEAD_FORMAT})")
-    head = Head(obj["embedding_dim"], len(obj["classes"]), obj["hidden"])
-    head.load_state_dict(obj["state_dict"])
-    return LoadedHead(module=head.eval(), classes=tuple(obj["classes"]),
-                      meta=json.loads(obj["meta"]))
 
 
 # ---------------------------------------------------------------------------- CLI

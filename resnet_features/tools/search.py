@@ -253,6 +253,7 @@ def embed_images(
     from resnet_features.core.models import Preprocessing, is_named_weights, resolve_model
     from resnet_features.extract.decode import DecodeOptions, decode_image
     from resnet_features.extract.inference import InferenceOptions, ModelRunner
+    from resnet_features.extract.outputs import for_task
 
     cfg = summary.get("config", {})
     weights_arg = weights or summary.get("weights_arg") or cfg.get("weights")
@@ -267,7 +268,8 @@ def embed_images(
                                      preprocess_from=cfg.get("preprocess_from"),
                                      storage_options=storage_options, weights_sha256=sha)
     spec = dataclasses.replace(spec, preprocessing=Preprocessing(**summary["preprocessing"]))
-    runner = ModelRunner(spec, state_dict, InferenceOptions(task="embed", device="cpu"))
+    runner = ModelRunner(spec, state_dict, InferenceOptions(device="cpu"),
+                         for_task(spec, "embed"))
     options = DecodeOptions(draft_factor=cfg.get("draft_factor", DecodeOptions().draft_factor))
     out = []
     for start in range(0, len(uris), batch_size):
@@ -275,7 +277,7 @@ def embed_images(
         pixels = np.stack([
             decode_image(storage.read_bytes(u, storage_options), spec.preprocessing,
                          options).pixels for u in chunk])
-        out.append(runner.forward(pixels)[0])
+        out.append(runner.embed(pixels))
     return np.concatenate(out)
 
 
