@@ -11,19 +11,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from resnet_features.core.vocab import LAYER_NAMES
 
-__all__ = ["LAYER_NAMES", "LayerBackbone", "layer_dims", "parse_layers"]
-
-
-
-def parse_layers(text: str | None) -> tuple[str, ...]:
-    """'layer1,layer3' -> ('layer1', 'layer3') in stage order; raises ValueError on bad names."""
-    if not text:
-        return ()
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in LAYER_NAMES]
-    if bad:
-        raise ValueError(f"unknown layer(s) {', '.join(bad)}; choose from {', '.join(LAYER_NAMES)}")
-    return tuple(n for n in LAYER_NAMES if n in names)
+__all__ = ["LAYER_NAMES", "LayerBackbone", "layer_dims"]
 
 
 def layer_dims(embedding_dim: int) -> dict[str, int]:
