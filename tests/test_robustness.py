@@ -25,7 +25,7 @@ from helpers import cosine
 from PIL import Image
 from torchvision.models import get_model_builder, get_model_weights
 
-from resnet_features.core.config import config_from_args, get_args_parser
+from resnet_features.core.config import ConfigError, config_from_args, get_args_parser
 from resnet_features.core.models import resolve_model
 from resnet_features.core.samples import load_photo
 from resnet_features.extract import pipeline
@@ -482,7 +482,7 @@ def test_decode_worker_memory_stays_bounded_on_the_bomb(tmp_path):
 def test_failure_budget_defaults_to_five_percent():
     parser = get_args_parser()
     assert make_cfg("--input", "in", "--output", "out").max_error_rate == 0.05
-    with pytest.raises(ValueError, match="--max-error-rate must be within"):
+    with pytest.raises(ConfigError, match="--max-error-rate must be within"):
         config_from_args(parser.parse_args(["--input", "i", "--output", "o",
                                             "--max-error-rate", "1.5"]))
 

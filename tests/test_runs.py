@@ -19,7 +19,7 @@ import pytest
 from helpers import cosine, reference_outputs
 from PIL import Image
 
-from resnet_features.core.config import config_from_args, get_args_parser
+from resnet_features.core.config import ConfigError, config_from_args, get_args_parser
 from resnet_features.core.samples import load_photo, write_samples
 from resnet_features.extract.inference import ModelRunner
 from resnet_features.extract.pipeline import run
@@ -363,7 +363,7 @@ def test_run_id_flags_validated():
     for bad in (["--run-id", "../x"], ["--run-id", "_hidden"],
                 ["--retry-errors", "r", "--run-id", "r"],
                 ["--retry-errors", "r", "--incremental"]):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigError):
             config_from_args(parse(base + bad))
 
 
