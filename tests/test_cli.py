@@ -193,3 +193,21 @@ def test_ray_job_submit_runs_the_job_on_a_cluster(tmp_path, few_photos, resnet18
     assert summary["inputs"] == summary["succeeded"] == 6
     table = pads.dataset(str(out), format="parquet").to_table()
     assert table.num_rows == 6 and table.schema.names == ["uri", "embedding", "width", "height"]
+
+
+def test_device_cuda_without_gpus_fails_before_any_work(monkeypatch, tmp_path):
+    """--device cuda on a cluster without GPUs: a DeviceError before weights, listing or output."""
+    from resnet_features.extract import pipeline
+
+    monkeypatch.setattr(pipeline, "_init_ray", lambda: None)
+    monkeypatch.setattr(pipeline.ray, "cluster_resources", lambda: {"CPU": 2.0})
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the device check")
+
+    monkeypatch.setattr(pipeline, "resolve_model", no_work)
+    cfg = config_from_args(get_args_parser().parse_args(
+        ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--device", "cuda"]))
+    with pytest.raises(DeviceError, match="0 GPUs"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "out").exists()

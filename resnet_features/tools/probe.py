@@ -329,7 +329,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         summary = read_summary(args.input, so)
         uris, x, labels = load_labelled(args.input, args.labels, so)
     except FileNotFoundError as exc:  # a path given on the command line; other OSErrors exit 1
-        raise SearchError(f"{type(exc).__name__}: {exc}") from exc
+        raise SearchError(f"no such file or folder: {exc.filename or exc}") from exc
     classes = sorted(set(labels.tolist()))
     if len(classes) < 2:
         raise SearchError(f"need at least two classes, found {classes}")

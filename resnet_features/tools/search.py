@@ -373,7 +373,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             result = exact_search(queries, iter_embeddings(dataset), args.k, args.metric,
                                   names, args.exclude_self)
     except FileNotFoundError as exc:  # a path given on the command line; other OSErrors exit 1
-        raise SearchError(f"{type(exc).__name__}: {exc}") from exc
+        raise SearchError(f"no such file or folder: {exc.filename or exc}") from exc
     table = result.to_table()
     write_results(table, args.out, so)
     print(f"{len(names)} queries, {table.num_rows} neighbours ({args.method}, {args.metric}) "
