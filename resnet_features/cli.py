@@ -7,20 +7,21 @@ import os
 import sys
 
 from resnet_features.core.config import config_from_args, get_args_parser
-from resnet_features.core.errors import ConfigError, UsageError
-from resnet_features.core.logs import setup_logging
-from resnet_features.core.models import hub_checkpoint_path, is_named_weights, named_weights
+from resnet_features.core.entry import run_main
+from resnet_features.core.errors import ConfigError
 
 __all__ = ["main"]
 
 log = logging.getLogger("resnet_features")
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
+#: The last stderr line of a failed run: committed parts stay staged, so a rerun resumes.
+RESUME_HINT = "rerun the same command to resume from the committed parts"
 
 
 def _apply_demo(args) -> None:
     """--demo: sample photos and local folders, and weights that need no network."""
+    # Imports torch: only for --demo, so that --help and argument errors stay fast.
+    from resnet_features.core.models import hub_checkpoint_path, is_named_weights, named_weights
     from resnet_features.core.samples import write_samples
 
     args.input = args.input or os.path.join("demo", "images")
@@ -62,33 +63,24 @@ def summary_paragraph(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+    """The job's entry: exit 0 (done, or a no-op), 3 (over the error budget), 2 (a UsageError:
+    the message says what to fix) or 1 (any other failure; its traceback is in the log)."""
     parser = get_args_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # argparse's own errors exit 2 here
+    return run_main(lambda: _run(parser, args), what="the run", resume_hint=RESUME_HINT)
+
+
+def _run(parser, args) -> int:
     if args.demo:
         _apply_demo(args)
     try:
         cfg = config_from_args(args)
-    except ConfigError as exc:
+    except ConfigError:
         parser.print_usage(sys.stderr)
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    from resnet_features.extract.pipeline import run  # imports Ray: after validation
+        raise
+    from resnet_features.extract import pipeline  # imports Ray: after validation
 
-    try:
-        result = run(cfg)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as exc:  # noqa: BLE001
-        # Not the input's fault (storage down after retries, a broken device, a dead cluster):
-        # the traceback goes to the log, the reason to the last line; committed parts stay
-        # staged, so rerunning the same command resumes.
-        log.exception("the run failed")
-        first_line = (str(exc).splitlines() or [""])[0]
-        print(f"error: the run failed ({type(exc).__name__}: {first_line}); rerun the same "
-              f"command to resume from the committed parts", file=sys.stderr)
-        return EXIT_FAILED
+    result = pipeline.run(cfg)
     if result.summary.get("noop"):
         print(f"NO-OP: {result.reason}")
         return 0

@@ -136,7 +136,12 @@ def load_state_dict(
     try:
         data = storage.read_bytes(uri, storage_options)
     except (OSError, ValueError) as exc:
-        raise WeightsError(f"cannot read state_dict {uri}: {type(exc).__name__}: {exc}") from exc
+        hint = ""
+        if not any(c in uri for c in "/.\\"):  # a bare word: more likely a mistyped weights name
+            hint = (f"; named weights are {', '.join(NAMED_WEIGHTS)} or a full name such as "
+                    f"ResNet50_Weights.IMAGENET1K_V2")
+        raise WeightsError(f"cannot read state_dict {uri}: {type(exc).__name__}: {exc}{hint}"
+                           ) from exc
     digest = hashlib.sha256(data).hexdigest()
     if sha256 is not None and digest != sha256.lower():
         raise WeightsError(f"state_dict {uri} has sha256 {digest}, expected {sha256}")

@@ -36,6 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
+from resnet_features.core.config import config_default
 from resnet_features.core.errors import Stage, error_columns, set_error
 from resnet_features.core.models import Preprocessing
 
@@ -89,10 +90,10 @@ class DecodeOptions:
     """Limits and speed knobs of the decode stage."""
 
     max_image_pixels: int | None = Image.MAX_IMAGE_PIXELS  # Pillow's bomb limit; None disables
-    max_image_bytes: int = 256 * 1024 * 1024  # size budget: larger files are not opened
+    max_image_bytes: int = config_default("max_image_bytes")  # larger files are not opened
     # JPEG DCT scaling only when the image is at least `draft_factor` x the resize target
     # (0 disables): 12 MP photos decode ~10x faster; ImageNet-sized ones stay bit-exact.
-    draft_factor: float = 2.0
+    draft_factor: float = config_default("draft_factor")
     backend: str = "auto"  # DECODE_BACKENDS: "auto" = fastest per format, "pillow" = Pillow only
     # --gpu-decode: plain JPEGs skip CPU decoding and travel as bytes (column `jpeg`) to the
     # model actor, which decodes them with nvJPEG (gpu_decode.py); headers are checked here.

@@ -270,6 +270,9 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     finished = layout.finished_summary()
     if finished is not None and not cfg.overwrite:
         return _noop(cfg, finished)
+    if cfg.device == "cuda":  # a cluster without GPUs fails here, before any weights or output
+        _init_ray()
+        _resolve_device(cfg)
     spec, state_dict = resolve_model(cfg.model, cfg.weights, preprocess_from=cfg.preprocess_from,
                                      storage_options=cfg.storage_options,
                                      weights_sha256=cfg.weights_sha256)

@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from typing import Any
 
 import numpy as np
@@ -231,12 +230,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from resnet_features.core.logs import setup_logging
-    from resnet_features.tools.search import SearchError, read_summary
+    """Exit 2 on a UsageError (e.g. HeadError, SearchError), 1 with a traceback on anything else."""
+    from resnet_features.core.entry import run_main
 
-    setup_logging()
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    return run_main(lambda: _main(parser, args), what="the probe")
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from resnet_features.tools.search import SearchError, read_summary
+
     if not 0 < args.val_fraction < 1:
         parser.error("--val-fraction must be within (0, 1)")
     if args.hidden < 0 or args.epochs <= 0:
@@ -250,13 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = read_summary(args.input, so)
         uris, x, labels = load_labelled(args.input, args.labels, so)
-    except (HeadError, SearchError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as exc:  # a path given on the command line; other OSErrors exit 1
+        raise SearchError(f"no such file or folder: {exc.filename or exc}") from exc
     classes = sorted(set(labels.tolist()))
     if len(classes) < 2:
-        print(f"error: need at least two classes, found {classes}", file=sys.stderr)
-        return 2
+        raise SearchError(f"need at least two classes, found {classes}")
     y = np.array([classes.index(v) for v in labels], dtype=np.int64)
     train, val = stratified_split(y, args.val_fraction, args.seed)
     head = train_head(x[train], y[train], len(classes), hidden=args.hidden, epochs=args.epochs,

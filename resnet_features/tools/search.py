@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -333,12 +332,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from resnet_features.core.logs import setup_logging
-    from resnet_features.extract.inputs import InputError, list_images
+    """Exit 2 on a UsageError (e.g. SearchError, InputError), 1 with a traceback on anything else."""
+    from resnet_features.core.entry import run_main
 
-    setup_logging()
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    return run_main(lambda: _main(parser, args), what="the search")
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from resnet_features.extract.inputs import list_images
+
     if args.k <= 0 or args.nprobe <= 0:
         parser.error("-k and --nprobe must be positive")
     from resnet_features.core.config import ConfigError, parse_storage_options
@@ -370,9 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = exact_search(queries, iter_embeddings(dataset), args.k, args.metric,
                                   names, args.exclude_self)
-    except (SearchError, InputError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as exc:  # a path given on the command line; other OSErrors exit 1
+        raise SearchError(f"no such file or folder: {exc.filename or exc}") from exc
     table = result.to_table()
     write_results(table, args.out, so)
     print(f"{len(names)} queries, {table.num_rows} neighbours ({args.method}, {args.metric}) "
