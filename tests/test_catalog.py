@@ -169,6 +169,16 @@ def test_probe_data_is_the_catalogs(output):
     assert list(labels) == [u.split("/")[-2] for u in uris]
 
 
+def test_probe_cli_reads_the_catalog(output, tmp_path):
+    import json
+
+    assert probe.main(["--input", output, "--labels", "column:run", "--out", str(tmp_path / "p"),
+                       "--epochs", "5"]) == 0
+    metrics = json.load(open(tmp_path / "p" / "metrics.json"))
+    assert metrics["classes"] == ["alpha", "zeta"]  # the failed run "omega" is no class
+    assert metrics["n_train"] + metrics["n_val"] == N + 1
+
+
 def test_empty_output(tmp_path):
     cat = Catalog.open(str(tmp_path / "nothing"))
     assert cat.runs == () and cat.num_rows() == 0
