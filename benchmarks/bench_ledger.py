@@ -45,9 +45,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from resnet_features.core import storage  # noqa: E402
 from resnet_features.extract.inputs import list_images  # noqa: E402
-from resnet_features.extract.writer import LEDGER_SCHEMA  # noqa: E402
 from resnet_features.runs import ledger
 from resnet_features.runs import protocol as runs
+from resnet_features.runs.layout import LEDGER_SCHEMA  # noqa: E402
 
 TASK_FP = "0123456789abcdef"
 MIB = 2**20

@@ -12,20 +12,20 @@ import glob
 import io
 import json
 import os
-import shutil
 
 import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import cosine
+from helpers import cosine, publish_table
 from PIL import Image, ImageEnhance, ImageOps
 from torchvision.models import get_model_builder, get_model_weights
 
 from resnet_features.core.config import config_from_args, get_args_parser
 from resnet_features.core.samples import load_photo
 from resnet_features.extract.pipeline import run
+from resnet_features.runs.catalog import load_features
 from resnet_features.tools import probe, search
 
 pytestmark = pytest.mark.slow
@@ -88,13 +88,13 @@ def extract(*argv: str):
 
 
 def _split_output(output: str, dest: str, keep) -> str:
-    """A copy of an output holding only the rows whose uri satisfies `keep` (and its summary)."""
-    table = pads.dataset(output, format="parquet").to_table()
+    """An output holding only the rows whose uri satisfies `keep`, as one finished run with the
+    source run's summary."""
+    table = load_features(output).drop_columns(["run"])
     mask = [keep(u) for u in table.column("uri").to_pylist()]
-    os.makedirs(dest)
-    pq.write_table(table.filter(mask), os.path.join(dest, "part-00000.parquet"))
-    shutil.copy(os.path.join(output, RUN, "_summary.json"), dest)
-    return dest
+    with open(os.path.join(output, RUN, "_summary.json")) as f:
+        summary = json.load(f)
+    return publish_table(dest, "t", [table.filter(mask)], summary)
 
 
 def _is_source(uri: str) -> bool:
@@ -200,9 +200,8 @@ def test_faiss_agrees_with_exact_on_clustered_data(tmp_path):
 
     emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 64)
     table = pa.table({"uri": [f"img{i}.jpg" for i in range(4000)], "embedding": emb})
-    os.makedirs(tmp_path / "out")
-    for i in range(4):  # several files, as the job writes them
-        pq.write_table(table.slice(i * 1000, 1000), tmp_path / "out" / f"part-{i:05d}.parquet")
+    # several files, as the job writes them
+    publish_table(str(tmp_path / "out"), "t", [table.slice(i * 1000, 1000) for i in range(4)], {})
     ds = search.open_output(str(tmp_path / "out"))
     exact = search.exact_search(q, search.iter_embeddings(ds, batch_rows=512), k=10)
     approx = search.faiss_search(q, ds, k=10)

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from resnet_features.core import storage
-from resnet_features.extract.writer import LEDGER_SCHEMA
 from resnet_features.runs import ledger
 from resnet_features.runs import protocol as runs
+from resnet_features.runs.layout import LEDGER_SCHEMA
 
 TASK = "0123456789abcdef"
 

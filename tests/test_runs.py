@@ -25,8 +25,10 @@ from resnet_features.core.samples import load_photo, write_samples
 from resnet_features.extract.inference import ModelRunner
 from resnet_features.extract.inputs import list_images
 from resnet_features.extract.pipeline import run
-from resnet_features.extract.writer import LEDGER_DIR, PartWriter
-from resnet_features.runs.protocol import incremental_filter, load_features
+from resnet_features.extract.writer import PartWriter
+from resnet_features.runs.catalog import load_features
+from resnet_features.runs.layout import LEDGER_DIR
+from resnet_features.runs.protocol import incremental_filter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import posixpath
+import uuid
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
-__all__ = ["filesystem", "join", "protocol", "read_bytes", "strip_protocol", "full_uri",
-           "write_json"]
+__all__ = ["atomic_write", "filesystem", "full_uri", "join", "json_bytes", "protocol",
+           "read_bytes", "read_json", "strip_protocol", "write_json"]
 
 #: HTTP connections per s3fs client. A read task fetches a block of up to 64 objects at once;
 #: botocore's default pool of 10 would let only 10 of those requests wait on the store's
@@ -57,7 +58,38 @@ def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes
     return fs.cat_file(path)
 
 
-def write_json(fs, path: str, obj: Any) -> None:
-    with fs.open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
+def atomic_write(fs, path: str, data: bytes, tmp_dir: str) -> None:
+    """Write whole-or-nothing: under a unique name in `tmp_dir`, then renamed into place, so a
+    reader (or a resumed run) never sees half a file. `tmp_dir` should be on the same
+    filesystem and, on local disks, the same device as `path` for the rename to be atomic."""
+    tmp = join(tmp_dir, uuid.uuid4().hex)
+    fs.makedirs(tmp_dir, exist_ok=True)
+    parent = path.rsplit("/", 1)[0]
+    if parent and parent != path:
+        fs.makedirs(parent, exist_ok=True)  # local folders; a no-op on object stores
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def json_bytes(obj: Any) -> bytes:
+    """The one JSON encoding of the files an output holds: indented, sorted keys, newline."""
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+def write_json(fs, path: str, obj: Any, tmp_dir: str | None = None) -> None:
+    """`obj` as JSON (`json_bytes`); atomically (`atomic_write`) when a `tmp_dir` is given."""
+    if tmp_dir is not None:
+        atomic_write(fs, path, json_bytes(obj), tmp_dir)
+        return
+    with fs.open(path, "wb") as f:
+        f.write(json_bytes(obj))
+
+
+def read_json(fs, path: str) -> Any:
+    """A JSON file's content, or None when it does not exist."""
+    try:
+        with fs.open(path, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None

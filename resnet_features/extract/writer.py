@@ -23,28 +23,12 @@ import pyarrow.parquet as pq
 
 from resnet_features.core import storage
 from resnet_features.extract.outputs import OutputUnit, output_schema, row_bytes
-from resnet_features.runs.layout import EXPLAIN_PNG_DIR  # noqa: F401  (runs imports it here)
+from resnet_features.runs.layout import ERRORS_DIR, EXPLAIN_PNG_DIR, LEDGER_DIR, LEDGER_SCHEMA, TMP_DIR  # noqa: F401
 
 __all__ = ["ERROR_SCHEMA", "LEDGER_SCHEMA", "PartWriter", "WriteStats", "auto_rows_per_file",
            "part_name"]
 
 log = logging.getLogger(__name__)
-
-ERRORS_DIR = "_errors"
-STAGING_DIR = "_staging"
-SUCCESS_FILE = "_SUCCESS"
-SUMMARY_FILE = "_summary.json"
-LEDGER_DIR = "_ledger"
-TMP_DIR = "_tmp"
-
-LEDGER_SCHEMA = pa.schema(
-    [
-        ("uri", pa.string()),
-        ("fingerprint", pa.string()),
-        ("status", pa.string()),  # "ok" (a data row) or "error" (an error row)
-        ("file", pa.string()),  # the data or error file holding the row, relative to the run
-    ]
-)
 
 ERROR_SCHEMA = pa.schema(
     [

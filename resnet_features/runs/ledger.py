@@ -25,7 +25,6 @@ run ledgers besides the index. An index that covers a run which has since been r
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -39,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from resnet_features.core import storage
-from resnet_features.extract.writer import LEDGER_DIR, LEDGER_SCHEMA, TMP_DIR
+from resnet_features.runs.layout import LEDGER_DIR, LEDGER_SCHEMA, TMP_DIR
 
 __all__ = ["uri_hash", "write_run_ledger", "decide_incremental", "incremental_filter",
            "read_ledgers", "failed_uris", "load_index", "RANGE_ENTRIES", "COMPACT_AFTER_RUNS"]
@@ -105,16 +104,6 @@ def _hash_slice(a: pa.Array) -> np.ndarray:
 # -- writing ---------------------------------------------------------------------------------
 
 
-def _write_file(fs, path: str, data: bytes, tmp_dir: str) -> None:
-    """Write whole-or-nothing: under a temporary name, then renamed into place."""
-    tmp = storage.join(tmp_dir, uuid.uuid4().hex)
-    fs.makedirs(tmp_dir, exist_ok=True)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # local folders; a no-op on object stores
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
-
-
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", row_group_size=LEDGER_ROW_GROUP)
@@ -136,7 +125,7 @@ def write_run_ledger(fs, run_dir: str, ledger: pa.Table, tmp_dir: str) -> list[d
     for k, start in enumerate(range(0, max(table.num_rows, 1), LEDGER_FILE_ROWS)):
         piece = table.slice(start, LEDGER_FILE_ROWS)
         rel = storage.join(LEDGER_DIR, f"h-{k:05d}.parquet")
-        _write_file(fs, storage.join(run_dir, rel), _parquet_bytes(piece), tmp_dir)
+        storage.atomic_write(fs, storage.join(run_dir, rel), _parquet_bytes(piece), tmp_dir)
         hs = piece.column(HASH)
         files.append({"path": rel, "rows": piece.num_rows,
                       "lo": int(hs[0].as_py()) if piece.num_rows else 0,
@@ -219,11 +208,7 @@ def _index_dir(root: str, task_fp: str) -> str:
 
 def load_index(fs, root: str, task_fp: str) -> dict[str, Any] | None:
     """The committed index pointer of this task, or None."""
-    try:
-        with fs.open(storage.join(_index_dir(root, task_fp), INDEX_POINTER), "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
+    return storage.read_json(fs, storage.join(_index_dir(root, task_fp), INDEX_POINTER))
 
 
 def _latest_per_uri(newest_first: Sequence[pa.Table]) -> pa.Table:
@@ -298,9 +283,8 @@ class _IndexWriter:
         pointer = {"generation": self.gen, "seq": self.seq, "covers": self.covers,
                    "files": self.files, "entries": self.entries, "format": 1,
                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        data = (json.dumps(pointer, indent=2, sort_keys=True) + "\n").encode()
-        _write_file(self.fs, storage.join(self.dir, INDEX_POINTER), data,
-                    storage.join(self.dir, TMP_DIR))
+        storage.write_json(self.fs, storage.join(self.dir, INDEX_POINTER), pointer,
+                           storage.join(self.dir, TMP_DIR))
         for p in self.fs.ls(self.dir, detail=False):  # older and abandoned generations
             name = p.rstrip("/").rsplit("/", 1)[-1]
             if name != self.gen and (name.startswith("g-") or name == TMP_DIR):

@@ -1,4 +1,4 @@
-"""Runs: the commit protocol over OUTPUT/run=<id>/ (staging, resume, publish), ledger, reader.
+"""Runs: the commit protocol over OUTPUT/run=<id>/ (staging, resume, publish) and its ledger.
 
 Layout under OUTPUT (readers skip `_`-prefixed names, so only published rows are visible):
 
@@ -17,6 +17,7 @@ A rerun of an unfinished run resumes: committed parts are kept and their inputs 
 anything enters Ray. Publishing writes the manifest into staging first, then moves files in
 (data, errors, ledger, summary, manifest, `_SUCCESS` last); a publish cut short is finished by
 the next rerun. Ray's own retries give at-least-once delivery; the writer drops repeats.
+Reading an output's rows is the catalog's (`catalog.py`). Names of the layout: `layout.py`.
 """
 
 from __future__ import annotations
@@ -36,23 +37,30 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from resnet_features.core import storage
-from resnet_features.core.errors import InputError, SearchError
-from resnet_features.extract.writer import ERRORS_DIR, EXPLAIN_PNG_DIR, LEDGER_DIR, LEDGER_SCHEMA, TMP_DIR
+from resnet_features.core.errors import InputError
+from resnet_features.core.storage import read_json as _read_json
 from resnet_features.runs import ledger as ledgers
+from resnet_features.runs.layout import (
+    ATTEMPTS_DIR,
+    ERRORS_DIR,
+    EXPLAIN_PNG_DIR,
+    LEDGER_DIR,
+    LEDGER_SCHEMA,
+    MANIFEST_FILE,
+    RUN_PREFIX,
+    STAGING_ROOT,
+    SUCCESS_FILE,
+    SUMMARY_FILE,
+    TMP_DIR,
+    TRASH_ROOT,
+)
 from resnet_features.runs.ledger import V1_LEDGER_FILE, incremental_filter
 
-__all__ = ["RunLayout", "RunState", "load_features", "task_identity", "incremental_filter",
+__all__ = ["RunInfo", "RunLayout", "RunState", "task_identity", "incremental_filter",
            "incremental_decision", "read_ledgers", "retry_filter", "hash_fingerprints",
-           "finished_runs"]
+           "finished_runs", "MANIFEST_FILE", "SUCCESS_FILE", "SUMMARY_FILE"]
 
 log = logging.getLogger(__name__)
-
-STAGING_ROOT = "_staging"
-TRASH_ROOT = "_trash"
-ATTEMPTS_DIR = "_attempts"
-MANIFEST_FILE = "_manifest.json"
-SUMMARY_FILE = "_summary.json"
-SUCCESS_FILE = "_SUCCESS"
 
 
 def task_identity(spec, task: str, top_k: int) -> dict[str, Any]:
@@ -72,27 +80,6 @@ def _ls(fs, path: str) -> list[str]:
         return [p.rstrip("/") for p in fs.ls(path, detail=False)]
     except FileNotFoundError:
         return []
-
-
-def _read_json(fs, path: str) -> dict[str, Any] | None:
-    try:
-        with fs.open(path, "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-
-
-def _write_file(fs, path: str, data: bytes, tmp_dir: str) -> None:
-    """Write whole-or-nothing: under a temporary name, then renamed into place."""
-    tmp = storage.join(tmp_dir, uuid.uuid4().hex)
-    fs.makedirs(tmp_dir, exist_ok=True)
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
 
 
 @dataclass
@@ -159,9 +146,9 @@ class RunLayout:
         attempt = len(attempts)
         committed = self._committed_ledger()
         discarded = self._drop_uncommitted(committed)
-        _write_file(fs, storage.join(staging, ATTEMPTS_DIR, f"{attempt}.json"),
-                    _json_bytes({"attempt": attempt, "task_fingerprint": task_fp,
-                                 "started_at": _now()}), storage.join(staging, TMP_DIR))
+        storage.write_json(fs, storage.join(staging, ATTEMPTS_DIR, f"{attempt}.json"),
+                           {"attempt": attempt, "task_fingerprint": task_fp,
+                            "started_at": _now()}, storage.join(staging, TMP_DIR))
         if attempt:
             log.info("resuming run %s (attempt %d): %d inputs in committed parts are reused, "
                      "%d uncommitted files discarded", self.run_id, attempt,
@@ -228,10 +215,10 @@ class RunLayout:
             "committed_at": _now(),
         }
         summary.update(files=files, error_files=errors)  # the caller's summary sees them too
-        _write_file(fs, storage.join(staging, SUMMARY_FILE), _json_bytes(summary), tmp)
+        storage.write_json(fs, storage.join(staging, SUMMARY_FILE), summary, tmp)
         if success:
-            _write_file(fs, storage.join(staging, SUCCESS_FILE), _json_bytes(summary), tmp)
-        _write_file(fs, storage.join(staging, MANIFEST_FILE), _json_bytes(manifest), tmp)
+            storage.write_json(fs, storage.join(staging, SUCCESS_FILE), summary, tmp)
+        storage.write_json(fs, storage.join(staging, MANIFEST_FILE), manifest, tmp)
         return manifest
 
     def publish(self) -> dict[str, Any]:
@@ -295,13 +282,13 @@ def finished_runs(fs, root: str, *, include_failed: bool = False) -> list[RunInf
     runs = []
     for p in _ls(fs, root):
         name = p.rstrip("/").rsplit("/", 1)[-1]
-        if not name.startswith("run="):
+        if not name.startswith(RUN_PREFIX):
             continue
         if not include_failed and not fs.exists(storage.join(p, SUCCESS_FILE)):
             continue
         manifest = _read_json(fs, storage.join(p, MANIFEST_FILE))
         if manifest is not None:
-            runs.append(RunInfo(run_id=name[4:], path=p, manifest=manifest))
+            runs.append(RunInfo(run_id=name[len(RUN_PREFIX):], path=p, manifest=manifest))
     return sorted(runs, key=lambda r: (r.manifest.get("committed_at", ""), r.run_id))
 
 
@@ -350,38 +337,3 @@ def hash_fingerprints(listing: pa.Table, storage_options: dict[str, Any] | None 
         values = list(pool.map(digest, uris))
     i = listing.schema.get_field_index("fingerprint")
     return listing.set_column(i, "fingerprint", pa.array(values, pa.string()))
-
-
-# -- the reader -------------------------------------------------------------------------------
-
-
-def load_features(output: str, run: str | None = None, *, columns: list[str] | None = None,
-                  storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """Rows of finished runs only (those with `_SUCCESS`), with a `run` column.
-
-    With `run=None`, every input appears once: the row of the latest committed run holding it.
-    Only the files each run's manifest lists are read, so stray or partial files never count.
-    """
-    fs, root = storage.filesystem(output, storage_options)
-    runs = finished_runs(fs, root)
-    if run is not None:
-        runs = [r for r in runs if r.run_id == run]
-        if not runs:
-            raise SearchError(f"no finished run {run!r} under {output}")
-    tables = []
-    for order, r in enumerate(runs):
-        for rel in r.manifest["files"]:
-            t = _read_parquet(fs, storage.join(r.path, rel), columns)
-            t = t.replace_schema_metadata(None)
-            t = t.append_column("run", pa.array([r.run_id] * t.num_rows, pa.string()))
-            tables.append(t.append_column("_order", pa.array(np.full(t.num_rows, order))))
-    if not tables:
-        return pa.table({"uri": pa.array([], pa.string()), "run": pa.array([], pa.string())})
-    table = pa.concat_tables(tables, promote_options="permissive")
-    table = table.sort_by([("uri", "ascending"), ("_order", "descending")])
-    uris = table.column("uri")
-    if table.num_rows > 1:
-        differs = pc.not_equal(uris.slice(1), uris.slice(0, table.num_rows - 1))
-        keep = pa.concat_arrays([pa.array([True])] + [c for c in differs.chunks])
-        table = table.filter(keep)
-    return table.drop_columns(["_order"])

@@ -21,8 +21,9 @@ import pyarrow.compute as pc
 import torch
 
 from resnet_features.core import storage
-from resnet_features.core.errors import HeadError
+from resnet_features.core.errors import HeadError, SearchError
 from resnet_features.extract.outputs.head import HEAD_FORMAT, Head, load_head, save_head
+from resnet_features.runs.catalog import Catalog
 
 __all__ = [
     "HEAD_FORMAT",
@@ -76,22 +77,25 @@ def load_labelled(
     storage_options: dict[str, Any] | None = None,
     column: str = "embedding",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(uris, embeddings (n, D) float32, labels) from an output; unlabelled rows are dropped.
+    """(uris, embeddings (n, D) float32, labels) from an output's live rows (its catalog: each
+    input once, from the newest finished run holding it); unlabelled rows are dropped.
 
     `labels`: "folder" (the image's parent folder name), "column:NAME" (a column of the output,
-    e.g. a partition column) or the path of a labels file with columns uri,label.
+    e.g. `run`) or the path of a labels file with columns uri,label.
     """
-    from resnet_features.tools.search import open_output, read_embeddings
-
-    uris, emb = read_embeddings(output, column, storage_options)
+    catalog = Catalog.open(output, storage_options)
+    name = labels.split(":", 1)[1] if labels.startswith("column:") else None
+    if name is not None and name not in catalog.schema().names:
+        raise HeadError(f"the output has no column {name!r}; columns: {catalog.schema().names}")
+    parts = list(catalog.embeddings(column))
+    if not parts:
+        raise SearchError(f"{output} holds no rows in a finished run")
+    uris = np.concatenate([p[0] for p in parts])
+    emb = np.concatenate([p[1] for p in parts])
     if labels == "folder":
         y = _folder_labels(uris)
-    elif labels.startswith("column:"):
-        name = labels.split(":", 1)[1]
-        ds = open_output(output, storage_options)
-        if name not in ds.schema.names:
-            raise HeadError(f"the output has no column {name!r}; columns: {ds.schema.names}")
-        t = ds.to_table(columns=["uri", name])
+    elif name is not None:
+        t = catalog.read(["uri", name])
         lookup = dict(zip(t.column("uri").to_pylist(),
                           pc.cast(t.column(name), pa.string()).to_pylist()))
         y = np.array([lookup.get(u) or "" for u in uris], dtype=object)
@@ -239,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from resnet_features.tools.search import SearchError, read_summary
 
     if not 0 < args.val_fraction < 1:
         parser.error("--val-fraction must be within (0, 1)")
@@ -252,7 +255,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     try:
-        summary = read_summary(args.input, so)
+        summary = Catalog.open(args.input, so).latest_summary()
         uris, x, labels = load_labelled(args.input, args.labels, so)
     except FileNotFoundError as exc:  # a path given on the command line; other OSErrors exit 1
         raise SearchError(f"no such file or folder: {exc.filename or exc}") from exc

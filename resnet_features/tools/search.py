@@ -1,9 +1,9 @@
 """Nearest-neighbour search over an extraction output: exact (streamed matmuls) or FAISS.
 
-The index is the job's own Parquet output, read as a pyarrow dataset (flat `part-*.parquet` or
-`run=<id>/` folders; `_`-prefixed paths are skipped), one record batch at a time, so outputs
-larger than memory are searched with a running top-k per query. Query images are embedded
-with the model, weights and preprocessing recorded in the run's `_summary.json`.
+The index is the job's own output, read through its catalog (`runs.catalog`: finished runs only,
+each input once with its latest row) one record batch at a time, so outputs larger than memory
+are searched with a running top-k per query. Query images are embedded with the model, weights
+and preprocessing recorded in the summary of the output's newest finished run.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
 from resnet_features.core import storage
 from resnet_features.core.errors import SearchError
+from resnet_features.runs.catalog import Catalog
 
 __all__ = [
     "METRICS",
@@ -51,46 +51,21 @@ RESULT_SCHEMA = pa.schema([
 ])
 
 
-def open_output(uri: str, storage_options: dict[str, Any] | None = None) -> pads.Dataset:
-    """An extraction output as a dataset; works for flat parts and hive `run=<id>/` folders."""
-    fs, root = storage.filesystem(uri, storage_options)
-    return pads.dataset(root, filesystem=fs, format="parquet", partitioning="hive")
+def open_output(uri: str, storage_options: dict[str, Any] | None = None) -> Catalog:
+    """An extraction output's catalog: its finished runs, each input once (latest row)."""
+    return Catalog.open(uri, storage_options)
 
 
 def read_summary(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The run summary (`_summary.json`) at the root or, for `run=<id>/` layouts, the newest run."""
-    fs, root = storage.filesystem(uri, storage_options)
-    candidates = [storage.join(root, "_summary.json")]
-    candidates += sorted(fs.glob(storage.join(root, "run=*", "_summary.json")), reverse=True)
-    for path in candidates:
-        if fs.exists(path):
-            with fs.open(path, "r") as f:
-                return json.load(f)
-    raise SearchError(f"{uri} has no _summary.json: is it an extraction output?")
-
-
-def _embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if not pa.types.is_fixed_size_list(column.type):
-        raise SearchError(f"embedding column has type {column.type}, expected a fixed_size_list")
-    dim = column.type.list_size
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    # A writable copy: Arrow buffers are read-only, and FAISS normalises in place.
-    return np.array(values.reshape(-1, dim), dtype=np.float32, copy=True, order="C")
+    """The summary of the output's newest finished run (by commit time)."""
+    return Catalog.open(uri, storage_options).latest_summary()
 
 
 def iter_embeddings(
-    dataset: pads.Dataset, column: str = "embedding", batch_rows: int = 65_536
+    catalog: Catalog, column: str = "embedding", batch_rows: int = 65_536
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(uris, (n, D) float32) per record batch: memory stays bounded by `batch_rows`."""
-    if column not in dataset.schema.names:
-        raise SearchError(f"the output has no {column!r} column (columns: "
-                          f"{', '.join(dataset.schema.names)}); extract with --task embed/both")
-    for batch in dataset.to_batches(columns=["uri", column], batch_size=batch_rows):
-        if batch.num_rows:
-            uris = batch.column("uri").to_numpy(zero_copy_only=False).astype(object)
-            yield uris, _embedding_matrix(batch.column(column))
+    """(uris, (n, D) float32) per record batch of live rows: memory bounded by `batch_rows`."""
+    return catalog.embeddings(column, batch_rows)
 
 
 def read_embeddings(uri: str, column: str = "embedding",
@@ -98,7 +73,7 @@ def read_embeddings(uri: str, column: str = "embedding",
     """All (uris, embeddings) of an output in one piece (for query sets and small outputs)."""
     parts = list(iter_embeddings(open_output(uri, storage_options), column))
     if not parts:
-        raise SearchError(f"{uri} holds no rows")
+        raise SearchError(f"{uri} holds no rows in a finished run")
     return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
 
@@ -188,7 +163,7 @@ def faiss_available() -> bool:
 
 def faiss_search(
     queries: np.ndarray,
-    dataset: pads.Dataset,
+    catalog: Catalog,
     k: int = 10,
     metric: str = "cosine",
     query_names: list[str] | None = None,
@@ -196,7 +171,7 @@ def faiss_search(
     nprobe: int = 8,
     column: str = "embedding",
 ) -> SearchResult:
-    """Approximate k-NN with a FAISS index built by streaming the output's record batches.
+    """Approximate k-NN with a FAISS index built by streaming the catalog's live rows.
 
     Default index: IVF-Flat with ~sqrt(N) lists, trained on the first batch (up to 64k rows),
     probed `nprobe` lists per query. Use `index_factory` (e.g. "IVF4096,PQ32") to compress
@@ -206,15 +181,18 @@ def faiss_search(
 
     if metric not in METRICS:
         raise SearchError(f"metric must be one of {METRICS}, got {metric!r}")
-    n = dataset.count_rows()
+    n = catalog.num_rows()
     if n == 0:
-        raise SearchError("the index output holds no rows")
-    dim = dataset.schema.field(column).type.list_size
+        raise SearchError("the index output holds no rows in a finished run")
+    schema = catalog.schema()
+    if column not in schema.names:
+        raise SearchError(f"the index output has no {column!r} column")
+    dim = schema.field(column).type.list_size
     faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     factory = index_factory or f"IVF{max(1, int(np.sqrt(n)))},Flat"
     index = faiss.index_factory(dim, factory, faiss_metric)
     all_uris: list[np.ndarray] = []
-    for uris, emb in iter_embeddings(dataset, column):
+    for uris, emb in iter_embeddings(catalog, column):
         if metric == "cosine":
             faiss.normalize_L2(emb)
         if not index.is_trained:
@@ -363,16 +341,16 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 names += (list_images(q, so).table.column("uri").to_pylist() if is_dir
                           else [q if "://" in q else os.path.abspath(q)])
             queries = embed_images(names, read_summary(args.index, so), args.weights, so)
-        dataset = open_output(args.index, so)
+        catalog = open_output(args.index, so)
         if args.method == "faiss":
             if not faiss_available():
                 parser.error("--method faiss needs the faiss-cpu (or faiss-gpu) package")
             if args.exclude_self:
                 parser.error("--exclude-self is supported with --method exact only")
-            result = faiss_search(queries, dataset, args.k, args.metric, names,
+            result = faiss_search(queries, catalog, args.k, args.metric, names,
                                   args.faiss_index, args.nprobe)
         else:
-            result = exact_search(queries, iter_embeddings(dataset), args.k, args.metric,
+            result = exact_search(queries, iter_embeddings(catalog), args.k, args.metric,
                                   names, args.exclude_self)
     except FileNotFoundError as exc:  # a path given on the command line; other OSErrors exit 1
         raise SearchError(f"no such file or folder: {exc.filename or exc}") from exc
