@@ -23,6 +23,7 @@ import pytest
 from resnet_features.core import storage
 from resnet_features.core.errors import SearchError
 from resnet_features.core.models import resolve_model
+from resnet_features.extract.outputs import for_task
 from resnet_features.extract.writer import PartWriter
 from resnet_features.runs import protocol
 from resnet_features.runs.catalog import Catalog, load_features
@@ -62,7 +63,7 @@ def _write_run(out: str, run_id: str, indices: list[int], *, success: bool, comm
     identity = protocol.task_identity(spec, "embed", 5)
     state = layout.start_attempt(protocol.fingerprint_of(identity), fresh=False)
     listing = _listing(indices, fingerprints or {})
-    writer = PartWriter(layout.staging_uri(), spec=spec, task="embed", listing=listing,
+    writer = PartWriter(layout.staging_uri(), units=for_task(spec, "embed"), listing=listing,
                         rows_per_file=2, file_metadata={}, attempt=state.attempt)
     writer.add(_result_batch(listing, VECTORS[run_id], indices))
     writer.close()
