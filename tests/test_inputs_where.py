@@ -233,3 +233,82 @@ def test_inventory_report_local_copy(tmp_path, fmt):
         with pytest.raises(InputError, match="manifest.json"):
             list_inputs(os.path.join(os.path.dirname(os.path.dirname(manifest)), "data"),
                         InputSpec(format="s3-inventory"))
+
+
+# -- On S3 (moto) and through the job --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3():
+    from s3_server import moto_s3
+
+    with moto_s3() as server:
+        for bucket in ("src", "inventory-dest", "out"):
+            server.make_bucket(bucket)
+        yield server
+
+
+def _s3_inventory(s3, blobs, tmp_path, fmt="CSV") -> str:
+    """Images in s3://src/photos/, and a report of them written from a real listing (ETags as
+    S3 gives them) into s3://inventory-dest/, as S3 Inventory would."""
+    fs = s3.fs()
+    for n, b in blobs.items():
+        fs.pipe(f"src/photos/{n}", b)
+    fs.pipe("src/photos/readme.txt", b"not an image")
+    listed = fs.find("src/photos", detail=True)
+    rows = [{"bucket": "src", "key": p.split("/", 1)[1], "version_id": "", "is_latest": True,
+             "is_delete_marker": False, "size": int(info["size"]),
+             "last_modified_date": int(info["LastModified"].timestamp() * 1000),
+             "e_tag": info["ETag"].strip('"'), "storage_class": "STANDARD"}
+            for p, info in sorted(listed.items())]
+    manifest = write_inventory(str(tmp_path), "src", rows, fmt)
+    fs.put(str(tmp_path / "inventory-dest") + "/", "inventory-dest/", recursive=True)
+    return "s3://" + manifest.split(str(tmp_path) + "/", 1)[1]
+
+
+@pytest.mark.parametrize("fmt", ["CSV", "Parquet"])
+def test_inventory_on_s3_agrees_with_a_listing(s3, blobs, tmp_path, fmt):
+    manifest = _s3_inventory(s3, blobs, tmp_path, fmt)
+    opts = s3.storage_options()
+    listing = list_inputs(manifest, InputSpec(format="s3-inventory"), opts)
+    listed = list_inputs("s3://src/photos/", InputSpec(), opts)
+    for col in ("uri", "size_bytes", "fingerprint"):  # --incremental sees the same inputs
+        assert listing.table.column(col).to_pylist() == listed.table.column(col).to_pylist()
+    out = _fetch(listing, storage_options=opts)
+    assert list(out["bytes"]) == [blobs[n] for n in sorted(blobs)]
+
+
+def _run(*argv):
+    from resnet_features.extract.pipeline import run
+
+    return run(config_from_args(get_args_parser().parse_args(list(argv))))
+
+
+@pytest.mark.slow
+def test_nightly_run_on_inventory_needs_no_recompute(s3, blobs, tmp_path, resnet18_weights,
+                                                     ray_local):
+    """A run on a listing, then one on the report with --incremental: nothing to compute."""
+    manifest = _s3_inventory(s3, blobs, tmp_path)
+    common = ["--output", "s3://out/feat", "--model", "resnet18", "--weights", resnet18_weights,
+              "--incremental", "--storage-options", json.dumps(s3.storage_options())]
+    first = _run("--input", "s3://src/photos/", "--run-id", "d1", *common)
+    assert first.exit_code == 0 and first.summary["computed"] == len(blobs)
+    second = _run("--input", manifest, "--run-id", "d2", *common)
+    assert second.exit_code == 0, second.reason
+    assert second.summary["input_format"] == "s3-inventory"
+    assert second.summary["listed"] == len(blobs) and second.summary["computed"] == 0
+
+
+@pytest.mark.slow
+def test_img2dataset_parquet_job(tmp_path, blobs, resnet18_weights, ray_local):
+    """12% dead URLs: over the default 5% error budget as read errors; with --where they are
+    counted as skipped.filtered and the run succeeds."""
+    _img2dataset_parquet(tmp_path / "in.parquet", blobs)
+    common = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
+              "--model", "resnet18", "--weights", resnet18_weights, "--image-column", "jpg"]
+    plain = _run(*common, "--run-id", "plain")
+    assert plain.exit_code == 3 and plain.summary["failed_by_stage"] == {"read": 3}
+    filtered = _run(*common, "--run-id", "where", "--where", "status = 'success'",
+                    "--keep-columns", "key")
+    assert filtered.exit_code == 0, filtered.reason
+    assert filtered.summary["skipped"]["filtered"] == 3
+    assert filtered.summary["succeeded"] == 22 and filtered.summary["failed"] == 0
