@@ -25,6 +25,7 @@ from resnet_features.core.vocab import (
     MODEL_NAMES,
     NAMED_WEIGHTS,
 )
+from resnet_features.core.where import parse_where
 
 __all__ = [
     "ConfigError",
@@ -110,6 +111,12 @@ def _parse_task(text: str) -> str:
     embed, classify = bool(parts & {"embed", "both"}), bool(parts & {"classify", "both"})
     return ("both" if embed and classify else "embed" if embed
             else "classify" if classify else "explain")
+
+
+def _where(text: str | None) -> str | None:
+    """`--where` checked for syntax now (a ConfigError names the position), kept as text."""
+    parse_where(text)
+    return text
 
 
 def _uri(text: str) -> str:
@@ -245,7 +252,9 @@ class ExtractConfig:
         "auto", help="auto: images if the input holds image files, else tar if it holds "
         "*.tar/*.tar.gz/*.tgz shards (one row per image member, uri SHARD#MEMBER), else "
         "parquet if it holds *.parquet files (one row per row, uri FILE#ROW), else manifest for "
-        "a single .txt/.csv/.tsv/.lst file; a Parquet manifest needs --input-format manifest",
+        "a single .txt/.csv/.tsv/.lst file; a Parquet manifest needs --input-format manifest; "
+        "s3-inventory: an S3 Inventory report (its manifest.json, or its CSV/Parquet/ORC files), "
+        "one row per image object it lists, with size and ETag from the report",
         group=IO, choices=INPUT_FORMATS)
     image_column: str = opt(
         "image", help="parquet input: column with the image bytes (binary, or a struct with a "
@@ -257,8 +266,14 @@ class ExtractConfig:
         "uri", help="CSV/TSV/Parquet manifest: the column holding image URIs or paths (relative "
         "paths are resolved against the manifest's folder)", group=IO)
     keep_columns: tuple[str, ...] = opt(
-        (), help="comma-separated parquet/manifest columns copied into the output rows",
-        group=IO, parse=_comma_list)
+        (), help="comma-separated parquet/manifest/s3-inventory columns copied into the output "
+        "rows", group=IO, parse=_comma_list)
+    where: str | None = opt(
+        None, help="parquet/manifest/s3-inventory input: keep only the rows for which this "
+        "predicate on their columns holds, e.g. \"status = 'success'\", 'size < 50000000', "
+        "\"key LIKE 'photos/2026/%%'\" (=, !=, <, <=, >, >=, LIKE, IN (...), IS [NOT] NULL, "
+        "AND, OR, NOT, parentheses); rows left out are counted in the summary as "
+        "skipped.filtered, never as errors", group=IO, parse=_where, metavar="EXPR")
 
     def public_dict(self) -> dict[str, Any]:
         """The config as recorded in outputs: storage options (credentials) are redacted."""

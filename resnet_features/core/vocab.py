@@ -29,4 +29,5 @@ LAYER_NAMES: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
 EXPLAIN_METHODS: tuple[str, ...] = ("gradcam", "integrated_gradients", "smoothgrad")
 
 #: --input-format values (auto detects one of the others).
-INPUT_FORMATS: tuple[str, ...] = ("auto", "images", "tar", "parquet", "manifest")
+INPUT_FORMATS: tuple[str, ...] = ("auto", "images", "tar", "parquet", "manifest",
+                                   "s3-inventory")

@@ -291,7 +291,8 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     units = build_outputs(cfg, spec)  # a bad --head or --explain-class fails here
     listing = list_inputs(cfg.input, InputSpec(
         format=cfg.input_format, image_column=cfg.image_column, id_column=cfg.id_column,
-        uri_column=cfg.uri_column, keep_columns=cfg.keep_columns), cfg.storage_options)
+        uri_column=cfg.uri_column, keep_columns=cfg.keep_columns, where=cfg.where),
+        cfg.storage_options)
     table = listing.table
     if cfg.fingerprint == "hash":
         if listing.format in ("tar", "parquet"):
@@ -301,6 +302,8 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         table = runs.hash_fingerprints(table, cfg.storage_options)
     state = layout.start_attempt(task_fp, fresh=cfg.overwrite)
     work, skipped, todo = _select_work(cfg, layout, table, state, task_fp)
+    if cfg.where:
+        skipped["filtered"] = listing.filtered  # rows --where left out: never listed, no errors
     extra = listing.extra.filter(pa.array(todo)) if listing.extra is not None else None
     log.info("run %s attempt %d: %d of %d listed inputs to compute (%s)", cfg.run_id,
              state.attempt, work.num_rows, table.num_rows, skipped)

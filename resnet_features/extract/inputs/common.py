@@ -5,15 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import pyarrow as pa
 
 from resnet_features.core.errors import InputError, Stage, set_error
-
-if TYPE_CHECKING:
-    from resnet_features.extract.inputs.fetch import ReadBytes
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -62,6 +59,7 @@ class InputSpec:
     id_column: str | None = None
     uri_column: str = "uri"
     keep_columns: tuple[str, ...] = ()
+    where: str | None = None  # --where text; formats parse it with core.where.parse_where
 
 
 @dataclass(frozen=True)
@@ -73,10 +71,12 @@ class Listing:
     extra: pa.Table | None = None  # --id-column / --keep-columns, one row per listing row
     sources: int = 0  # objects listed: files, shards or manifest entries' files
     notes: dict[str, Any] = field(default_factory=dict)
+    filtered: int = 0  # rows --where left out (the summary's skipped.filtered)
 
 
 class Listed(NamedTuple):
-    """What a format's listing function returns; `list_inputs` makes a `Listing` of it."""
+    """What a format's listing function returns; `list_inputs` makes a `Listing` of it
+    (`notes["filtered"]`, when present, becomes `Listing.filtered`)."""
 
     table: pa.Table  # LISTING_SCHEMA
     extra: pa.Table | None
@@ -88,6 +88,16 @@ class Listed(NamedTuple):
 Files = list[tuple[str, int, str]]
 
 
+class Fetcher(Protocol):
+    """What a format's `read` gets from the worker-side stage (`fetch.ReadBytes`): the retried
+    concurrent fetch and the options. A protocol here keeps the format modules from importing
+    the stage that dispatches to them."""
+
+    image_column: str
+
+    def fetch(self, fs, paths: list[str], starts=None, ends=None) -> list: ...
+
+
 @dataclass(frozen=True)
 class Format:
     """One input format: how the driver lists it and how a worker fetches a block of its rows.
@@ -95,14 +105,16 @@ class Format:
     `list(fs, files, spec)` returns a `Listed`; `read(reader, fs, batch, sources, out, data)`
     fills `data[i]` with row i's bytes or records an error row in `out`; `units(table)` gives
     the row numbers where a new read unit starts (rows read together or not at all, which
-    `listing_blocks` keeps in one block), None when every row stands alone.
+    `listing_blocks` keeps in one block), None when every row stands alone. `options` names
+    the column flags (InputSpec fields) the format understands; `list_inputs` refuses others.
     """
 
     list: Callable[[Any, Files, InputSpec], Listed]
-    read: Callable[[ReadBytes, Any, dict[str, np.ndarray], list[str], dict, np.ndarray], None]
+    read: Callable[[Fetcher, Any, dict[str, np.ndarray], list[str], dict, np.ndarray], None]
     units: Callable[[pa.Table], np.ndarray | None] | None = None
     #: The listing has no image sizes: `size_bytes` is filled by `ReadBytes` from the bytes.
     sized_by_read: bool = False
+    options: frozenset[str] = frozenset()
 
 
 def extension(path: str) -> str:
@@ -125,7 +137,10 @@ def kind(path: str) -> str | None:
 
 
 def detect_format(paths: list[str], single: bool) -> str:
-    """The input format implied by the names found: images win, then tar, Parquet, manifest."""
+    """The input format implied by the names found: images win, then tar, Parquet, manifest;
+    one file named manifest.json is an S3 Inventory report's manifest."""
+    if single and len(paths) == 1 and paths[0].rsplit("/", 1)[-1] == "manifest.json":
+        return "s3-inventory"
     kinds = {kind(p) for p in paths}
     if single and len(paths) == 1 and kind(paths[0]) == "manifest":
         return "manifest"

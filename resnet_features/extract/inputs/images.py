@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from resnet_features.core import storage
-from resnet_features.extract.inputs.common import IMAGE_EXTENSIONS, Listed, check, extension, listing_table
-
-if TYPE_CHECKING:
-    from resnet_features.extract.inputs.fetch import ReadBytes
+from resnet_features.extract.inputs.common import (
+    IMAGE_EXTENSIONS,
+    Fetcher,
+    Listed,
+    check,
+    extension,
+    listing_table,
+)
 
 
 def list_image_files(fs, files, spec) -> Listed:
@@ -24,7 +26,7 @@ def list_image_files(fs, files, spec) -> Listed:
     return Listed(listing_table(uris, sizes, uris, [-1] * n, [-1] * n, fingerprints), None, skipped, {})
 
 
-def read_objects(reader: ReadBytes, fs, batch, sources, out, data) -> None:
+def read_objects(reader: Fetcher, fs, batch, sources, out, data) -> None:
     """Each row's `source` is the whole image: one GET per object, all in one `cat_ranges`."""
     paths = [fs._strip_protocol(s) for s in sources]
     results = reader.fetch(fs, paths)

@@ -84,24 +84,36 @@ def list_inputs(uri: str, spec: InputSpec | None = None,
     start = time.perf_counter()
     fs, files, single = _expand(uri, storage_options)
     fmt = spec.format if spec.format != "auto" else detect_format([p for p, *_ in files], single)
-    if fmt != "parquet" and spec.id_column:
-        raise InputError("--id-column applies to --input-format parquet (manifests carry "
-                         "extra columns with --keep-columns)")
-    if fmt in ("images", "tar") and spec.keep_columns:
-        raise InputError(f"--keep-columns applies to parquet and manifest inputs, not {fmt}")
     if fmt not in FORMATS:
         raise InputError(f"unknown input format {fmt!r}; use one of {', '.join(INPUT_FORMATS)}")
+    _check_options(spec, fmt)
     table, extra, skipped, notes = FORMATS[fmt].list(fs, files, spec)
+    filtered = int(notes.pop("filtered", 0))
+    if table.num_rows == 0 and filtered:
+        raise InputError(f"no images in {uri} match --where {spec.where!r} ({filtered} rows "
+                         f"left out)")
     if table.num_rows == 0:
         raise InputError(
             f"no images in {uri} (format {fmt}; image names end with "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}, any case; {skipped} other entries "
             f"ignored); pass --input-format if the format was guessed wrong")
     seconds = time.perf_counter() - start
-    log.info("listed %d images (%s) under %s in %.2fs (%d non-image entries ignored)",
-             table.num_rows, fmt, uri, seconds, skipped)
+    log.info("listed %d images (%s) under %s in %.2fs (%d non-image entries ignored, %d rows "
+             "left out by --where)", table.num_rows, fmt, uri, seconds, skipped, filtered)
     return Listing(table=table, skipped_non_image=skipped, seconds=seconds, format=fmt,
-                   extra=extra, sources=len(files), notes=notes)
+                   extra=extra, sources=len(files), notes=notes, filtered=filtered)
+
+
+def _check_options(spec: InputSpec, fmt: str) -> None:
+    """Column flags the format does not understand are a usage error, not silently ignored."""
+    given = {"id_column": spec.id_column, "keep_columns": spec.keep_columns,
+             "where": spec.where, "uri_column": spec.uri_column != "uri",
+             "image_column": spec.image_column != "image"}
+    for name, value in given.items():
+        if value and name not in FORMATS[fmt].options:
+            takers = [f for f, record in FORMATS.items() if name in record.options]
+            raise InputError(f"--{name.replace('_', '-')} applies to --input-format "
+                             f"{'/'.join(takers)}, not {fmt}")
 
 
 def list_images(uri: str, storage_options: dict[str, Any] | None = None) -> Listing:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -13,19 +12,18 @@ import pyarrow.parquet as pq
 
 from resnet_features.core import storage
 from resnet_features.core.errors import InputError, Stage, set_error
+from resnet_features.core.where import parse_where
 from resnet_features.extract.inputs.common import (
     INPUT_FAULTS,
     LIST_THREADS,
     PARQUET_SUFFIXES,
+    Fetcher,
     Listed,
     _Unreadable,
     check,
     check_columns,
     listing_table,
 )
-
-if TYPE_CHECKING:
-    from resnet_features.extract.inputs.fetch import ReadBytes
 
 
 def _image_field(schema: pa.Schema, column: str) -> None:
@@ -46,6 +44,7 @@ def list_parquet(fs, files, spec) -> Listed:
     skipped_files = len(files) - len(paths)
     carry = ([spec.id_column] if spec.id_column else []) + [
         c for c in spec.keep_columns if c != spec.id_column]
+    where = parse_where(spec.where)
 
     def read(path):
         with fs.open(path, "rb") as f:
@@ -53,30 +52,40 @@ def list_parquet(fs, files, spec) -> Listed:
             schema = pf.schema_arrow
             _image_field(schema, spec.image_column)
             check_columns(schema.names, carry, f"Parquet file {path}")
-            extra = pf.read(columns=carry) if carry else None
             md = pf.metadata
             groups = np.repeat(np.arange(md.num_row_groups),
                                [md.row_group(g).num_rows for g in range(md.num_row_groups)])
-            return md.num_rows, extra, groups
+            rows = np.arange(md.num_rows, dtype=np.int64)
+            if where is not None:
+                # Only the predicate's columns are read (never the image bytes); the listing
+                # keeps file row numbers, which is what a fetch reads by.
+                where.check_columns(schema.names, f"Parquet file {storage.full_uri(fs, path)}")
+                rows = np.flatnonzero(where.mask(pf.read(columns=where.columns)))
+            extra = pf.read(columns=carry).take(pa.array(rows)) if carry else None
+            return rows, extra, groups[rows], md.num_rows
 
     with ThreadPoolExecutor(LIST_THREADS) as pool:
         per_file = list(pool.map(read, paths))
     file_fp = {p: fp for p, _, fp in files}
     uris, sources, offsets, groups, extras, fingerprints = [], [], [], [], [], []
-    for path, (rows, extra, row_groups) in zip(paths, per_file):
+    filtered = 0
+    for path, (rows, extra, row_groups, total) in zip(paths, per_file):
         file_uri = storage.full_uri(fs, path)
-        uris += [f"{file_uri}#{i}" for i in range(rows)]
-        fingerprints += [f"{file_fp[path]}#{i}" for i in range(rows)]  # changes with the file
-        sources += [file_uri] * rows
-        offsets += range(rows)
+        uris += [f"{file_uri}#{i}" for i in rows]
+        fingerprints += [f"{file_fp[path]}#{i}" for i in rows]  # changes with the file
+        sources += [file_uri] * len(rows)
+        offsets.append(rows)
         groups.append(row_groups)
+        filtered += total - len(rows)
         if extra is not None:
             extras.append(extra)
     n = len(uris)
-    table = listing_table(uris, [0] * n, sources, offsets,
+    table = listing_table(uris, [0] * n, sources,
+                          np.concatenate(offsets) if offsets else np.zeros(0, np.int64),
                           np.concatenate(groups) if groups else np.zeros(0, np.int64), fingerprints)
     extra = pa.concat_tables(extras, promote_options="permissive") if extras else None
-    return Listed(table, extra, 0, {"files": len(paths), "skipped_files": skipped_files})
+    return Listed(table, extra, 0, {"files": len(paths), "skipped_files": skipped_files,
+                                    "filtered": filtered})
 
 
 def parquet_units(table: pa.Table) -> np.ndarray:
@@ -87,7 +96,7 @@ def parquet_units(table: pa.Table) -> np.ndarray:
     return np.flatnonzero(changed | (rg[1:] != rg[:-1])) + 1
 
 
-def read_parquet(reader: ReadBytes, fs, batch, sources, out, data) -> None:
+def read_parquet(reader: Fetcher, fs, batch, sources, out, data) -> None:
     by_file: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(sources):
         by_file[s].append(i)

@@ -9,7 +9,6 @@ import tarfile
 import zlib
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -20,15 +19,13 @@ from resnet_features.extract.inputs.common import (
     IMAGE_EXTENSIONS,
     LIST_THREADS,
     TAR_SUFFIXES,
+    Fetcher,
     Listed,
     _Unreadable,
     check,
     extension,
     listing_table,
 )
-
-if TYPE_CHECKING:
-    from resnet_features.extract.inputs.fetch import ReadBytes
 
 #: Tar members closer than this are fetched with one range request.
 COALESCE_GAP = 1 << 20
@@ -178,7 +175,7 @@ def tar_units(table: pa.Table) -> np.ndarray | None:
     return np.flatnonzero(changed | ~gz[1:]) + 1
 
 
-def read_tar(reader: ReadBytes, fs, batch, sources, out, data) -> None:
+def read_tar(reader: Fetcher, fs, batch, sources, out, data) -> None:
     offsets, lengths = batch["offset"], batch["length"]
     by_shard: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(sources):
