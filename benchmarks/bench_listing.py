@@ -1,4 +1,4 @@
-"""Listing a big S3 prefix: s3fs's `find` (one page after another) against `s3list.parallel_find`
+"""Listing a big S3 prefix: s3fs's `find` (one page after another) against `parallel_list.parallel_find` (an experiment, not used by the job)
 (key ranges in parallel), behind a per-request delay, for 10^5 and 10^6 keys.
 
 Putting 10^6 objects into moto takes hours, so a stub on loopback answers ListObjectsV2 (Prefix,
@@ -116,9 +116,9 @@ def _child(endpoint: str, how: str) -> None:
     """One measurement, in its own process: list s3://b/img/ and print JSON."""
     sys.path.insert(0, ROOT)
     import s3fs
+    from parallel_list import parallel_find
 
     from resnet_features.extract.inputs import list_images
-    from resnet_features.extract.inputs.s3list import parallel_find
 
     opts = {"key": "k", "secret": "s", "skip_instance_cache": True,
             "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
