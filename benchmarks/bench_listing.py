@@ -1,4 +1,5 @@
-"""Listing a big S3 prefix: s3fs's `find` (one page after another) against `parallel_list.parallel_find` (an experiment, not used by the job)
+"""Listing a big S3 prefix: s3fs's `find` (one page after another) against `parallel_list.parallel_find`
+(an experiment, not used by the job)
 (key ranges in parallel), behind a per-request delay, for 10^5 and 10^6 keys.
 
 Putting 10^6 objects into moto takes hours, so a stub on loopback answers ListObjectsV2 (Prefix,
