@@ -22,7 +22,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
-import torchvision
 from ray.util.annotations import RayDeprecationWarning
 
 from resnet_features import __version__
@@ -222,6 +221,14 @@ def _map_model(ds, cfg, spec, state_ref, options, outputs, runner_cls, n_inputs:
     )
 
 
+def _torchvision_version() -> str:
+    # The driver has imported it (weights entries); the module-level import would make every
+    # worker that unpickles _ModelActor import it too.
+    import torchvision
+
+    return torchvision.__version__
+
+
 def _noop(cfg: ExtractConfig, finished: dict[str, Any]) -> JobResult:
     reason = (f"run {cfg.run_id} already finished at {finished.get('finished_at')} with "
               f"{finished.get('succeeded')} rows under {cfg.output}/run={cfg.run_id}/; nothing to "
@@ -396,7 +403,7 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         "rows_per_file": rows_per_file,
         "files_this_attempt": stats.data_files,
         "versions": {"resnet_features": __version__, "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "ray": ray.__version__,
+                     "torchvision": _torchvision_version(), "ray": ray.__version__,
                      "python": sys.version.split()[0]},
         "config": cfg.public_dict(),
         **extras,
