@@ -18,8 +18,8 @@ from urllib.parse import urlparse
 import torch
 
 from resnet_features.core import storage
-from resnet_features.core.resnet import resnet
 from resnet_features.core.errors import WeightsError
+from resnet_features.core.resnet import resnet
 from resnet_features.core.vocab import MODEL_NAMES, NAMED_WEIGHTS
 
 if TYPE_CHECKING:

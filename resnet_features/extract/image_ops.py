@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
-import os
 import platform
 import threading
 
