@@ -12,16 +12,18 @@ import io
 import logging
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import torch
-import torchvision
-from torchvision.models import WeightsEnum, get_model_builder, get_model_weights
 
 from resnet_features.core import storage
 from resnet_features.core.errors import WeightsError
+from resnet_features.core.resnet import resnet
 from resnet_features.core.vocab import MODEL_NAMES, NAMED_WEIGHTS
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
 
 __all__ = [
     "MODEL_NAMES",
@@ -84,6 +86,10 @@ class ModelSpec:
 def _weights_enum(model: str) -> type[WeightsEnum]:
     if model not in MODEL_NAMES:
         raise WeightsError(f"unknown model {model!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    # torchvision (its __init__ imports torch._dynamo, ~2.5 s of CPU) only where weights
+    # entries are read: on the driver. Workers build the model from core/resnet.py.
+    from torchvision.models import get_model_weights
+
     return get_model_weights(model)
 
 
@@ -163,7 +169,7 @@ def build_model(spec: ModelSpec, state_dict: dict[str, torch.Tensor] | None) -> 
     if state_dict is None and spec.weights_id != "random":
         raise WeightsError(f"no tensors for weights {spec.weights_id}")
     if state_dict is None:
-        return get_model_builder(spec.name)(weights=None, num_classes=spec.num_classes).eval()
+        return resnet(spec.name, num_classes=spec.num_classes).eval()
     model = _uninitialised_model(spec.name, spec.num_classes)
     _load_into(model, spec.name, state_dict)
     return model.eval()
@@ -179,14 +185,14 @@ def _uninitialised_model(name: str, num_classes: int) -> torch.nn.Module:
     """
     model = _meta_model(name, num_classes)
     if any(m._non_persistent_buffers_set for m in model.modules()):
-        return get_model_builder(name)(weights=None, num_classes=num_classes)
+        return resnet(name, num_classes=num_classes)
     return model.to_empty(device="cpu")
 
 
 def _meta_model(name: str, num_classes: int) -> torch.nn.Module:
     """The architecture on the meta device: shapes only, no memory, no initialisation."""
     with torch.device("meta"):
-        return get_model_builder(name)(weights=None, num_classes=num_classes)
+        return resnet(name, num_classes=num_classes)
 
 
 def _load_into(model: torch.nn.Module, name: str, state_dict: dict[str, torch.Tensor],
@@ -245,5 +251,3 @@ def resolve_model(
         _load_into(probe, model, state_dict, assign=True)
     return spec, state_dict
 
-
-TORCHVISION_VERSION = torchvision.__version__

@@ -9,7 +9,9 @@ model's device, which moves 4x fewer bytes.
 
 Backends (`DecodeOptions.backend`): "auto" (default) decodes plain RGB/grey JPEGs with
 torchvision.io (libjpeg-turbo, faster than Pillow's JPEG plugin) and resizes every image with
-torch's vectorised uint8 antialiased kernel (several times faster than Pillow's resize);
+torch's vectorised uint8 antialiased kernel (several times faster than Pillow's resize), both
+through image_ops.py, which calls torchvision's kernels without importing the torchvision
+package (its `__init__` costs every decode worker ~2.5 s of CPU);
 "pillow" is the original all-Pillow path (`Image.resize(box=...)`). Headers, limits and every
 other format always go through Pillow.
 
@@ -33,12 +35,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as TF
 
 from resnet_features.core.config import config_default
 from resnet_features.core.errors import Stage, error_columns, set_error
 from resnet_features.core.models import Preprocessing
+from resnet_features.extract.image_ops import INTERPOLATIONS, decode_jpeg_rgb, resize
 
 __all__ = [
     "DecodeOptions",
@@ -75,10 +76,7 @@ ORIENTATION_TAG = 0x0112
 DECODE_BACKENDS: tuple[str, ...] = ("auto", "pillow")
 
 #: Interpolations torch's uint8 antialiased kernel implements; others use Pillow's resize.
-_TORCH_INTERPOLATION = {
-    "bilinear": TF.InterpolationMode.BILINEAR,
-    "bicubic": TF.InterpolationMode.BICUBIC,
-}
+_TORCH_INTERPOLATION = INTERPOLATIONS
 
 
 #: Colour transparent pixels are composited onto (RGBA, LA, PA, P with transparency).
@@ -254,7 +252,7 @@ def _readonly_tensor(buffer) -> torch.Tensor:
 
 
 def _decode_jpeg_tensor(data: bytes) -> torch.Tensor:
-    return decode_jpeg(_readonly_tensor(data), mode=ImageReadMode.RGB)
+    return decode_jpeg_rgb(_readonly_tensor(data))
 
 
 def resize_crop_tensor(chw: torch.Tensor, width: int, height: int,
@@ -273,8 +271,7 @@ def resize_crop_hwc(chw: torch.Tensor, width: int, height: int,
     new_w, new_h, left, top = resize_geometry(width, height, prep.resize_size, prep.crop_size)
     crop = prep.crop_size
     if chw.shape[1:] != (new_h, new_w):
-        chw = TF.resize(chw, [new_h, new_w], interpolation=_TORCH_INTERPOLATION[
-            prep.interpolation], antialias=prep.antialias)
+        chw = resize(chw, (new_h, new_w), prep.interpolation, prep.antialias)
     return chw[:, top:top + crop, left:left + crop].permute(1, 2, 0)
 
 

@@ -12,7 +12,6 @@ import logging
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from resnet_features.core.errors import Stage, error_columns, set_error
 from resnet_features.core.models import Preprocessing
@@ -35,6 +34,10 @@ def decode_resize_batch(datas: list[bytes], prep: Preprocessing,
     out = torch.empty((len(datas), crop, crop, 3), dtype=torch.uint8, device=device)
     if not datas:
         return out
+    # Imported here: torchvision's __init__ costs ~2.5 s of CPU, and this module is loaded by
+    # every model actor (with_gpu_decode), used only by --gpu-decode ones.
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     decoded = decode_jpeg([_readonly_tensor(d) for d in datas], mode=ImageReadMode.RGB,
                           device=device)
     for i, chw in enumerate(decoded):

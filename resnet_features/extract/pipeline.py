@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -22,7 +23,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
-import torchvision
 from ray.util.annotations import RayDeprecationWarning
 
 from resnet_features import __version__
@@ -73,6 +73,29 @@ class _ModelActor:
 
     def __call__(self, batch):
         return self.runner(batch)
+
+
+class _Background:
+    """A call on a worker thread; `result()` joins it and re-raises its exception."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._out: list[Any] = []
+        self._err: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                self._out.append(fn())
+            except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+                self._err.append(exc)
+
+        self._thread = threading.Thread(target=target, name="resolve-model")
+        self._thread.start()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._err:
+            raise self._err[0]
+        return self._out[0]
 
 
 def _init_ray() -> None:
@@ -222,6 +245,14 @@ def _map_model(ds, cfg, spec, state_ref, options, outputs, runner_cls, n_inputs:
     )
 
 
+def _torchvision_version() -> str:
+    # The driver has imported it (weights entries); the module-level import would make every
+    # worker that unpickles _ModelActor import it too.
+    import torchvision
+
+    return torchvision.__version__
+
+
 def _noop(cfg: ExtractConfig, finished: dict[str, Any]) -> JobResult:
     reason = (f"run {cfg.run_id} already finished at {finished.get('finished_at')} with "
               f"{finished.get('succeeded')} rows under {cfg.output}/run={cfg.run_id}/; nothing to "
@@ -273,9 +304,24 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     if cfg.device == "cuda":  # a cluster without GPUs fails here, before any weights or output
         _init_ray()
         _resolve_device(cfg)
-    spec, state_dict = resolve_model(cfg.model, cfg.weights, preprocess_from=cfg.preprocess_from,
-                                     storage_options=cfg.storage_options,
-                                     weights_sha256=cfg.weights_sha256)
+    def resolve() -> tuple[ModelSpec, Any]:
+        return resolve_model(cfg.model, cfg.weights, preprocess_from=cfg.preprocess_from,
+                             storage_options=cfg.storage_options,
+                             weights_sha256=cfg.weights_sha256)
+
+    if ray.is_initialized() or cfg.incremental or cfg.retry_errors:
+        spec, state_dict = resolve()
+    else:
+        # Overlap the two slow parts of start-up (on 2 cores, ray.init 5-15 s; torchvision's
+        # import and the weights 3-5 s): Ray's processes start while a thread loads the weights
+        # (ray.init stays on the main thread, where it sets its signal handlers). Not for
+        # --incremental/--retry-errors runs, which may find nothing to compute and then need no
+        # Ray at all.
+        resolving = _Background(resolve)
+        try:
+            _init_ray()
+        finally:
+            spec, state_dict = resolving.result()
     identity = runs.task_identity(spec, cfg.task, cfg.top_k)
     task_fp = runs.fingerprint_of(identity)
     if layout.publish_pending() and not cfg.overwrite:
@@ -332,6 +378,11 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
                             storage_options=cfg.storage_options, attempt=state.attempt,
                             extra=extra)
         state_ref = [ray.put(state_dict)] if state_dict is not None else []
+        if state_ref:
+            log.info("the model actors get the weights through the object store: Ray logs an "
+                     "error that their constructor arguments are there with max_restarts > 0; "
+                     "harmless here, as this driver holds them until the run ends, so a "
+                     "restarted actor still finds them")
         ds = build_dataset(cfg, replace(listing, table=work, extra=extra), spec,
                            state_ref, options, units, runner_cls)
         n, done, last_log = work.num_rows, 0, time.perf_counter()
@@ -399,7 +450,7 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         "rows_per_file": rows_per_file,
         "files_this_attempt": stats.data_files,
         "versions": {"resnet_features": __version__, "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "ray": ray.__version__,
+                     "torchvision": _torchvision_version(), "ray": ray.__version__,
                      "python": sys.version.split()[0]},
         "config": cfg.public_dict(),
         **extras,

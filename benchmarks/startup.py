@@ -1,0 +1,263 @@
+"""Start-up profile of one small run: when each stage is reached after launch, and the CPU
+seconds each kind of process spends starting (Python, Ray's worker boot, imports).
+
+Each measured run is a fresh process (`--child`), as a user's launch is. Timestamps are
+wall-clock (time.time(), one machine) relative to the moment the parent launched the child:
+
+- driver: imports done, listing done, `ray.init` done, first result batch, end;
+- each model actor: constructor entered (CPU its process spent so far = worker boot + the
+  imports Ray's unpickling of the actor class triggered), model loaded (ready), first call;
+- each decode worker: first decode call (CPU its process spent so far = boot + imports).
+
+The usual Ray Data pattern (benchmarks/run.py's `run_usual_ray`: read_images + per-row
+PIL/ToTensor transforms + one actor) runs the same files from its own fresh process, and
+`--import-cpu` measures the CPU seconds of importing each kind of process's modules alone.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/startup.py --runs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRACE_ENV = "RESNET_FEATURES_STARTUP_TRACE"
+
+
+def _record(event: str, **fields) -> None:
+    """Append one event to the trace file (env var inherited by a local Ray's workers)."""
+    path = os.environ.get(TRACE_ENV)
+    if path:
+        line = json.dumps({"event": event, "t": time.time(), "pid": os.getpid(),
+                           "cpu": time.process_time(), **fields})
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+# ------------------------------------------------------------------ traced stages (workers)
+
+def _traced_classes():
+    from resnet_features.extract.decode import Decode
+    from resnet_features.extract.inference import ModelRunner
+
+    class TracedRunner(ModelRunner):
+        def __init__(self, *args, **kwargs):
+            _record("actor_init")
+            super().__init__(*args, **kwargs)
+            _record("actor_ready")
+            self._first = True
+
+        def __call__(self, batch):
+            if self._first:
+                self._first = False
+                _record("first_model_call")
+            return super().__call__(batch)
+
+    class TracedDecode(Decode):
+        def __call__(self, batch):
+            if not getattr(self, "_seen", False):
+                self._seen = True
+                _record("decode_first_call")
+            return super().__call__(batch)
+
+    return TracedRunner, TracedDecode
+
+
+def child_job(args) -> None:
+    """One job run from a fresh process, with the driver's stages traced."""
+    _record("driver_start")
+    from resnet_features.core.config import config_from_args, get_args_parser
+
+    cfg = config_from_args(get_args_parser().parse_args(
+        ["--input", args.input, "--output", args.output, "--overwrite", "--model", args.model,
+         "--weights", args.weights, "--task", "embed", "--batch-size", str(args.batch_size)]))
+    from resnet_features.extract import pipeline
+
+    _record("driver_imports_done")
+    traced_runner, traced_decode = _traced_classes()
+    pipeline.Decode = traced_decode
+    list_inputs, init_ray = pipeline.list_inputs, pipeline._init_ray
+
+    def listed(*a, **k):
+        out = list_inputs(*a, **k)
+        _record("listing_done")
+        return out
+
+    def ray_ready():
+        init_ray()
+        _record("ray_init_done")
+
+    pipeline.list_inputs, pipeline._init_ray = listed, ray_ready
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    result = pipeline.run(cfg, runner_cls=traced_runner)
+    _record("driver_end", exit_code=result.exit_code, rows=result.summary["succeeded"])
+
+
+def child_usual(args) -> None:
+    """The usual Ray Data pattern on the same files, from a fresh process."""
+    import logging
+
+    import ray
+
+    from benchmarks.run import run_usual_ray
+
+    ray.init(address="local", logging_level=logging.WARNING)
+    _record("ray_init_done")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log_path = args.output + ".usual.log"
+    run_usual_ray(args.input, args.model, args.weights, args.batch_size, log_path)
+    _record("driver_end")
+
+
+# ------------------------------------------------------------------ parent
+
+def _launch(mode: str, args, trace: str) -> tuple[float, list[dict]]:
+    if os.path.exists(trace):
+        os.remove(trace)
+    env = {**os.environ, TRACE_ENV: trace, "PYTHONPATH": ROOT, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--input", args.input,
+           "--output", args.output, "--weights", args.weights, "--model", args.model,
+           "--batch-size", str(args.batch_size)]
+    t0 = time.time()
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    wall = time.time() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"{mode} run failed:\n{res.stderr[-4000:]}")
+    events = [json.loads(line) for line in open(trace)]
+    for e in events:
+        e["at"] = round(e["t"] - t0, 2)
+    return wall, events
+
+
+def _profile(wall: float, events: list[dict]) -> dict:
+    def first(name):
+        return min((e["at"] for e in events if e["event"] == name), default=None)
+
+    actors = {}
+    for e in events:
+        if e["event"].startswith("actor") or e["event"] == "first_model_call":
+            actors.setdefault(e["pid"], {})[e["event"]] = e
+    decoders = [e for e in events if e["event"] == "decode_first_call"]
+    driver = {e["event"]: e for e in events if e["event"].startswith("driver")}
+    return {
+        "wall_s": round(wall, 2),
+        "driver_imports_done_s": first("driver_imports_done"),
+        "listing_done_s": first("listing_done"),
+        "ray_init_done_s": first("ray_init_done"),
+        "actors_ready_s": sorted(a["actor_ready"]["at"] for a in actors.values()
+                                 if "actor_ready" in a),
+        "first_decode_s": first("decode_first_call"),
+        "first_model_call_s": first("first_model_call"),
+        "cpu_s_before_work": {
+            "driver_imports": round(driver["driver_imports_done"]["cpu"]
+                                    - driver["driver_start"]["cpu"], 2)
+            if "driver_imports_done" in driver else None,
+            "model_actor_boot_and_imports": [round(a["actor_init"]["cpu"], 2)
+                                             for a in actors.values() if "actor_init" in a],
+            "model_actor_build_model": [round(a["actor_ready"]["cpu"] - a["actor_init"]["cpu"], 2)
+                                        for a in actors.values() if "actor_ready" in a],
+            "decode_worker_boot_and_imports": [round(e["cpu"], 2) for e in decoders],
+        },
+    }
+
+
+IMPORT_SETS = {
+    # what each kind of process imports (Ray unpickles these classes there)
+    "driver": "import resnet_features.cli, resnet_features.extract.pipeline, "
+              "resnet_features.core.models as m; m._weights_enum('resnet50')",
+    "model_actor": "import resnet_features.extract.pipeline, resnet_features.extract.inference",
+    "decode_worker": "import ray.data, resnet_features.extract.decode, "
+                     "resnet_features.extract.inputs",
+    "torch_alone": "import torch",
+    "torchvision_alone": "import torchvision",
+}
+
+
+def import_cpu(repeats: int) -> dict:
+    out = {}
+    for kind, code in IMPORT_SETS.items():
+        prog = f"import time\nt=time.process_time()\n{code}\nprint(time.process_time()-t)"
+        runs = [float(subprocess.run([sys.executable, "-c", prog], cwd=ROOT, check=True,
+                                     capture_output=True, text=True,
+                                     env={**os.environ, "PYTHONPATH": ROOT}).stdout)
+                for _ in range(repeats)]
+        out[kind] = round(statistics.median(runs), 2)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--child", choices=("job", "usual"), help=argparse.SUPPRESS)
+    p.add_argument("--input")
+    p.add_argument("--output")
+    p.add_argument("--weights")
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--images", type=int, default=64, help="one in four is 12 MP")
+    p.add_argument("--runs", type=int, default=1, help="job runs (the usual pattern runs once)")
+    p.add_argument("--usual", type=int, default=1, choices=(0, 1))
+    p.add_argument("--import-repeats", type=int, default=3)
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "rf_startup"))
+    p.add_argument("--json", default="benchmarks/results_startup.json")
+    args = p.parse_args(argv)
+    if args.child == "job":
+        child_job(args)
+        return 0
+    if args.child == "usual":
+        child_usual(args)
+        return 0
+
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from benchmarks.run import make_corpus
+    from resnet_features.core.resnet import resnet
+
+    os.makedirs(args.workdir, exist_ok=True)
+    args.input = os.path.join(args.workdir, f"images_{args.images}")
+    if not os.path.isdir(args.input):
+        make_corpus(args.input, args.images - args.images // 4, args.images // 4)
+    args.weights = os.path.join(args.workdir, f"{args.model}.pth")
+    if not os.path.exists(args.weights):
+        torch.manual_seed(0)
+        torch.save(resnet(args.model).state_dict(), args.weights)
+    args.output = os.path.join(args.workdir, "out")
+    load = os.getloadavg()
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                           "loadavg_at_start": [round(x, 2) for x in load]},
+               "config": {"images": args.images, "model": args.model,
+                          "batch_size": args.batch_size},
+               "import_cpu_s": import_cpu(args.import_repeats), "job": [], "usual": None}
+    trace = os.path.join(args.workdir, "trace.jsonl")
+    for _ in range(args.runs):
+        results["job"].append(_profile(*_launch("job", args, trace)))
+        print(json.dumps(results["job"][-1]), flush=True)
+    if args.usual:
+        wall, events = _launch("usual", args, trace)
+        results["usual"] = {"wall_s": round(wall, 2), "ray_init_done_s": min(
+            e["at"] for e in events if e["event"] == "ray_init_done")}
+        results["job_wall_vs_usual_wall"] = round(
+            statistics.median(j["wall_s"] for j in results["job"]) / wall, 3)
+    results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        with open(os.path.join(ROOT, args.json) if not os.path.isabs(args.json)
+                  else args.json, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
