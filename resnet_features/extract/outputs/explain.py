@@ -7,8 +7,8 @@ Integrated Gradients and SmoothGrad (Captum's `IntegratedGradients` and `NoiseTu
 to the same grid. LRP (zennit's EpsilonPlusFlat composite on the ResNet canonized by
 `ResNetCanonizer`: batch norm merged into the convolutions, residual additions as explicit sums)
 propagates the explained logit back to the pixels; the signed pixel relevance is summed per grid
-cell and its magnitude kept (z+ gives a ResNet's pixels one sign per image). Each map is scaled to [0, 1] by its
-maximum and stored as float16. docs/explanations.md compares the methods.
+cell and its magnitude kept (z+ gives a ResNet's pixels one sign per image). Each map is scaled
+to [0, 1] by its maximum and stored as float16. docs/explanations.md compares the methods.
 """
 
 from __future__ import annotations
