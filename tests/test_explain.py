@@ -14,8 +14,7 @@ from torchvision.models import get_model_builder, get_model_weights
 
 from resnet_features.core.config import config_from_args, get_args_parser
 from resnet_features.extract.pipeline import run
-from resnet_features.tools.explain_scenes import (OBJECT_SIZE, SCENE_SIZE, fit_object_head,
-                                                  pasted)
+from resnet_features.tools.explain_scenes import OBJECT_SIZE, SCENE_SIZE, fit_object_head, pasted
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from resnet_features.tools.explain_metrics import (auc, box_fractions, perturbation_curve,
-                                                   pointing_game, randomised_state_dict,
-                                                   rank_correlation, relevance_in_box)
+from resnet_features.tools.explain_metrics import (
+    auc,
+    box_fractions,
+    perturbation_curve,
+    pointing_game,
+    randomised_state_dict,
+    rank_correlation,
+    relevance_in_box,
+)
 from resnet_features.tools.explain_scenes import cell_labels, crop_box
 
 CROP = 64  # 2x2 grid of 32-px cells: the cells are the quadrants
