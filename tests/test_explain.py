@@ -13,90 +13,28 @@ from PIL import Image
 from torchvision.models import get_model_builder, get_model_weights
 
 from resnet_features.core.config import config_from_args, get_args_parser
-from resnet_features.core.samples import load_photo
 from resnet_features.extract.pipeline import run
+from resnet_features.tools.explain_scenes import OBJECT_SIZE, SCENE_SIZE, fit_object_head, pasted
 
 pytestmark = pytest.mark.slow
 
-SIZE, OBJ, CROP_OFFSET = 256, 80, 16  # 256x256 inputs: resize is a no-op, crop starts at 16
+SIZE, OBJ, CROP_OFFSET = SCENE_SIZE, OBJECT_SIZE, 16  # resize is a no-op, crop starts at 16
 
 
-def _object() -> Image.Image:
-    """The cat's face from scikit-image's "chelsea" photo."""
-    return Image.fromarray(load_photo("chelsea")[40:260, 120:340]).resize((OBJ, OBJ))
-
-
-def pasted(x: int, y: int, background: tuple[int, int, int]) -> Image.Image:
-    img = Image.new("RGB", (SIZE, SIZE), background)
-    if x >= 0:
-        img.paste(_object(), (x, y))
-    return img
+def plain_scene(rng: np.random.Generator, i: int):
+    """Training scenes of the pasted-object head: plain colours, the object in 3 of 4."""
+    bg = tuple(int(c) for c in rng.integers(40, 220, 3))
+    lo, hi = CROP_OFFSET, SIZE - CROP_OFFSET - OBJ
+    if not i % 4:
+        return pasted(-1, -1, bg), None
+    x, y = int(rng.integers(lo, hi)), int(rng.integers(lo, hi))
+    return pasted(x, y, bg), (x, y, x + OBJ, y + OBJ)
 
 
 def make_pasted_object_weights(backbone_path: str, path: str) -> str:
-    """A resnet18 whose top-1 is driven by the pasted object, built in three steps:
-
-    1. the backbone is the BN-calibrated test resnet18 (real-photo statistics, random filters);
-    2. a linear object detector v (no bias) is trained on its layer4 cells: a 7x7 cell is
-       positive when its centre lies inside the pasted object, negative otherwise (random
-       plain backgrounds and positions, 64 images);
-    3. fc: class 1 = v (its logit is the mean over cells of v . A_ij, since avgpool and fc are
-       linear), class 0 = a zero row whose bias sits between the class-1 logits of plain and
-       pasted training images, every other class a zero row with bias -100. So an image is
-       class 1 exactly when the object's cells lift the mean, and Grad-CAM for class 1
-       (ReLU(sum_k v_k/49 A_k)) is the detector's own map: its peak should be on the object.
-    """
-    if os.path.exists(path):
-        return path
-    rng = np.random.default_rng(0)
-    model = get_model_builder("resnet18")(weights=None)
-    state = torch.load(backbone_path, weights_only=True)
-    model.load_state_dict(state)
-    model.eval()
-    maps = {}
-    model.layer4.register_forward_hook(lambda m, i, o: maps.__setitem__("a", o))
-    transform = get_model_weights("resnet18").DEFAULT.transforms()
-    images, cell_labels, has_object = [], [], []
-    centres = CROP_OFFSET + 32 * np.arange(7) + 16  # cell centres in input pixels
-    for i in range(128):
-        bg = tuple(int(c) for c in rng.integers(40, 220, 3))
-        lo, hi = CROP_OFFSET, SIZE - CROP_OFFSET - OBJ
-        x, y = (int(rng.integers(lo, hi)), int(rng.integers(lo, hi))) if i % 4 else (-1, -1)
-        images.append(transform(pasted(x, y, bg)))
-        inside = ((centres[:, None] >= y) & (centres[:, None] < y + OBJ)
-                  & (centres[None, :] >= x) & (centres[None, :] < x + OBJ)) if x >= 0 else (
-            np.zeros((7, 7), bool))
-        cell_labels.append(inside.reshape(-1))
-        has_object.append(x >= 0)
-    with torch.no_grad():
-        model(torch.stack(images))
-    a = maps["a"].permute(0, 2, 3, 1).reshape(-1, 512)  # (128*49, 512) cells
-    pooled_a = maps["a"].mean(dim=(2, 3))
-    y = torch.from_numpy(np.concatenate(cell_labels).astype(np.float32))
-    obj = torch.tensor(has_object, dtype=torch.float32)
-    v = torch.zeros(512, requires_grad=True)
-    b0 = torch.zeros((), requires_grad=True)  # class 0's bias: the image-level threshold
-    opt = torch.optim.Adam([v, b0], lr=0.01)
-    pos_weight = (1 - y).sum() / y.sum()  # balance the few object cells
-    for _ in range(800):
-        opt.zero_grad()
-        # per-cell object detector + the image-level decision it must carry (mean over cells)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            a @ v, y, pos_weight=pos_weight) + torch.nn.functional.binary_cross_entropy_with_logits(
-            pooled_a @ v - b0, obj) * 4
-        loss.backward()
-        opt.step()
-    v, b0 = v.detach(), b0.detach()
-    pooled = (pooled_a @ v).numpy()
-    has = np.array(has_object)
-    assert pooled[has].min() > b0 > pooled[~has].max(), "the detector must separate its data"
-    w = torch.zeros(1000, 512)
-    b = torch.full((1000,), -100.0)
-    w[1], b[1] = v, 0.0
-    b[0] = b0
-    state["fc.weight"], state["fc.bias"] = w, b
-    torch.save(state, path)
-    return path
+    """A resnet18 whose top-1 is driven by the pasted object (explain_scenes.fit_object_head on
+    the BN-calibrated test backbone, plain backgrounds): class 1 with the object, 0 without."""
+    return fit_object_head("resnet18", backbone_path, path, plain_scene)
 
 
 def hand_gradcam(model: torch.nn.Module, x: torch.Tensor, target: int) -> np.ndarray:

@@ -218,8 +218,9 @@ class ExtractConfig:
         "pass (columns head_label, head_score)", group=MODEL)
     explain: bool = derived(False, source="task")  # "explain" in --task: a heatmap per image
     explain_method: str = opt(
-        "gradcam", help="heatmap for --task explain: Grad-CAM at layer4, or Captum's "
-        "Integrated Gradients / SmoothGrad pooled to the same grid (much slower)", group=MODEL,
+        "gradcam", help="heatmap for --task explain: Grad-CAM at layer4, Captum's Integrated "
+        "Gradients / SmoothGrad, or zennit's LRP (EpsilonPlusFlat, canonized ResNet), pooled to "
+        "the same grid (docs/explanations.md)", group=MODEL,
         choices=EXPLAIN_METHODS)
     explain_class: int | None = opt(
         None, help="class index to explain for every image (default: its top-1 class)",

@@ -26,7 +26,7 @@ NAMED_WEIGHTS: tuple[str, ...] = ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2")
 LAYER_NAMES: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
 
 #: Heatmap methods of --task explain.
-EXPLAIN_METHODS: tuple[str, ...] = ("gradcam", "integrated_gradients", "smoothgrad")
+EXPLAIN_METHODS: tuple[str, ...] = ("gradcam", "integrated_gradients", "smoothgrad", "lrp")
 
 #: --input-format values (auto detects one of the others).
 INPUT_FORMATS: tuple[str, ...] = ("auto", "images", "tar", "parquet", "manifest",

@@ -1,10 +1,14 @@
 """`explain_map`, `explain_class`, `explain_label` (--task explain): a small heatmap per image
-(Grad-CAM, Integrated Gradients or SmoothGrad) for its top-1 class or --explain-class.
+(Grad-CAM, Integrated Gradients, SmoothGrad or LRP) for its top-1 class or --explain-class.
 
 Grad-CAM is taken at the last convolutional stage (`layer4`) with Captum's `LayerGradCam`;
 Integrated Gradients and SmoothGrad (Captum's `IntegratedGradients` and `NoiseTunnel` over
 `Saliency`) give pixel attributions, summed over channels as absolute values and average-pooled
-to the same grid. Each map is scaled to [0, 1] by its maximum and stored as float16.
+to the same grid. LRP (zennit's EpsilonPlusFlat composite on the ResNet canonized by
+`ResNetCanonizer`: batch norm merged into the convolutions, residual additions as explicit sums)
+propagates the explained logit back to the pixels; the signed pixel relevance is summed per grid
+cell and its magnitude kept (z+ gives a ResNet's pixels one sign per image). Each map is scaled
+to [0, 1] by its maximum and stored as float16. docs/explanations.md compares the methods.
 """
 
 from __future__ import annotations
@@ -17,10 +21,33 @@ from resnet_features.core.models import ModelSpec, build_model
 from resnet_features.core.vocab import EXPLAIN_METHODS
 from resnet_features.extract.outputs.base import Forward, OutputUnit, fixed_size_list
 
-__all__ = ["EXPLAIN_METHODS", "ExplainOutput", "Explainer"]
+__all__ = ["EXPLAIN_METHODS", "ExplainOutput", "Explainer", "lrp_relevance"]
 
 #: The stage Grad-CAM is taken at; its stride (32) sets the grid of every method.
 EXPLAIN_LAYER = "layer4"
+
+
+def lrp_relevance(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor,
+                  canonize: bool = True) -> torch.Tensor:
+    """Input relevance (N, 3, H, W) of LRP for class `target`, seeded with the target logit.
+
+    zennit's EpsilonPlusFlat: the flat rule on the first layer, z+ on the other convolutions,
+    epsilon on the classifier; max-pooling passes relevance to its winners and the canonizer's
+    sums split it in proportion to the two branches. On a network without biases the relevance
+    sums to the logit (conservation); biases (including merged batch norm) absorb a share.
+    The canonizer changes the model's parameters only inside the context and restores them.
+    """
+    from zennit.composites import EpsilonPlusFlat
+    from zennit.torchvision import ResNetCanonizer
+
+    composite = EpsilonPlusFlat(canonizers=[ResNetCanonizer()] if canonize else [])
+    with composite.context(model) as modified:
+        x = x.detach().requires_grad_(True)
+        out = modified(x)
+        idx = target.view(-1, 1).to(out.device)
+        seed = torch.zeros_like(out).scatter_(1, idx, out.gather(1, idx).detach())
+        (relevance,) = torch.autograd.grad(out, x, grad_outputs=seed)
+    return relevance
 
 
 
@@ -50,6 +77,12 @@ class Explainer:
             cam = attr.LayerGradCam(self.model, self.model.layer4)
             maps = cam.attribute(x, target=target, relu_attributions=True)
             return maps[:, 0]
+        if self.method == "lrp":
+            # signed relevance pooled per cell, then its magnitude: the z+ layers of
+            # EpsilonPlusFlat give a ResNet's pixels one sign per image (its total's), so the
+            # magnitude is the map and a class with negative total relevance still gets one
+            r = lrp_relevance(self.model, x, target).sum(1, keepdim=True)
+            return torch.nn.functional.adaptive_avg_pool2d(r, self.grid)[:, 0].abs()
         if self.method == "integrated_gradients":
             a = attr.IntegratedGradients(self.model).attribute(
                 x, baselines=torch.zeros_like(x), target=target, n_steps=self.ig_steps,
