@@ -201,3 +201,18 @@ def test_bad_box_is_an_error_row_and_the_rest_proceed(resnet18_weights):
     table = pa.table(unit.encode({k: v[ok] for k, v in out.items()}, "p"))
     assert [len(b) for b in box_arrays(table)] == [1, 0]
     assert table.schema.field("region_features").type == pa.list_(pa.list_(pa.float16(), 512))
+
+
+def test_large_rows_get_small_files_and_row_groups():
+    """A ResNet-152 layer4 grid at 448 (~1.1 MB/row in float16) must not use the pooled
+    embedding's ~16,000 rows per file, and its row groups stay around 16 MB."""
+    from resnet_features.extract.writer import auto_row_group_rows, auto_rows_per_file
+
+    grid = Grid({"layer4": 2048}, AspectGeometry(448, None, 32))
+    assert grid.row_bytes() == 14 * 19 * 2048 * 2  # 448 x 597 -> 448 x 608 -> 14 x 19 cells
+    assert 100 <= auto_rows_per_file((Embedding(2048), grid)) <= 130
+    assert 10 <= auto_row_group_rows((Embedding(2048), grid)) <= 20
+    regions = Regions("layer4", 2048, "float32")
+    regions.sized_for(pa.table({"boxes_in": [json.dumps([[0, 0, 1, 1]] * 100)] * 3}))
+    assert regions.row_bytes() == 100 * (16 + 4 * 2048)
+    assert auto_rows_per_file((regions,)) < 200
