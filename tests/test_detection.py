@@ -118,7 +118,8 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
-def test_grid_and_regions_match_eager_reference(resnet18_weights, reference_model):
+@pytest.mark.parametrize("backend", ["auto", "pillow"])
+def test_grid_and_regions_match_eager_reference(resnet18_weights, reference_model, backend):
     spec, state = resolve_model("resnet18", resnet18_weights)
     cases = [("chelsea", 1, (300, 220)), ("astronaut", 6, (260, 200)),
              ("coffee", 3, (320, 240)), ("rocket", 8, (180, 300)), ("camera", 1, (256, 256))]
@@ -140,7 +141,7 @@ def test_grid_and_regions_match_eager_reference(resnet18_weights, reference_mode
              "index": np.arange(n), "bytes": np.array(datas + [], dtype=object),
              "boxes_in": np.array(stored_boxes, dtype=object)}
     geometry = AspectGeometry(SHORT, None, 32)
-    decoded = Decode(spec.preprocessing, DecodeOptions(aspect=geometry))(batch)
+    decoded = Decode(spec.preprocessing, DecodeOptions(aspect=geometry, backend=backend))(batch)
     assert not any(decoded["error_stage"]), decoded["error_message"]
     units = (Embedding(512), Grid({"layer3": 256, "layer4": 512}, geometry),
              Regions("layer4", 512, "float32", maps=True))
@@ -216,3 +217,64 @@ def test_large_rows_get_small_files_and_row_groups():
     regions.sized_for(pa.table({"boxes_in": [json.dumps([[0, 0, 1, 1]] * 100)] * 3}))
     assert regions.row_bytes() == 100 * (16 + 4 * 2048)
     assert auto_rows_per_file((regions,)) < 200
+
+
+def _listing(uris):
+    from resnet_features.extract.inputs.common import Listing, listing_table
+
+    n = len(uris)
+    return Listing(table=listing_table(uris, [1] * n, uris, [-1] * n, [-1] * n, [""] * n),
+                   skipped_non_image=0, seconds=0.0)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_sidecar_boxes_join_on_uri_or_relative_path(tmp_path, kind):
+    from resnet_features.extract.inputs.boxes import attach_boxes
+
+    root = str(tmp_path / "imgs")
+    uris = [f"{root}/a.jpg", f"{root}/sub/b.jpg", f"{root}/c.jpg", f"{root}/shard.tar#m/d.jpg"]
+    entries = [(uris[0], [[1, 2, 3, 4]]), ("sub/b.jpg", [[0, 0, 5, 5], [1, 1, 2, 2]]),
+               ("shard.tar#m/d.jpg", []), ("nowhere.jpg", [[0, 0, 1, 1]])]
+    path = str(tmp_path / f"boxes.{kind}")
+    if kind == "jsonl":
+        with open(path, "w") as f:
+            f.writelines(json.dumps({"uri": u, "boxes": b}) + "\n" for u, b in entries)
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"uri": [u for u, _ in entries],
+                                 "boxes": [b for _, b in entries]}), path)
+    listing = attach_boxes(_listing(uris), input_uri=root, sidecar=path)
+    cells = listing.table.column("boxes_in").to_pylist()
+    assert [json.loads(c) if c else c for c in cells] == [
+        [[1, 2, 3, 4]], [[0, 0, 5, 5], [1, 1, 2, 2]], None, []]
+    # c.jpg has no entry: its row fails at decode with a message saying so
+    with pytest.raises(BoxError, match="no boxes for this input"):
+        map_boxes(cells[2], 1, 10, 10, 10, 10, "stored")
+
+
+def test_sidecar_matching_nothing_is_an_input_error(tmp_path):
+    from resnet_features.core.errors import InputError
+    from resnet_features.extract.inputs.boxes import attach_boxes
+
+    path = tmp_path / "boxes.jsonl"
+    path.write_text(json.dumps({"uri": "other/x.jpg", "boxes": []}) + "\n")
+    with pytest.raises(InputError, match="none of its 1 uris matches"):
+        attach_boxes(_listing(["/data/a.jpg"]), input_uri="/data", sidecar=str(path))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grid", "layer4"], "need the aspect-preserving geometry"),
+    (["--grid", "layer5", "--resize-short", "64"], "--grid: unknown layer"),
+    (["--resize-short", "64", "--max-size", "32"], "smaller than --resize-short"),
+    (["--boxes-column", "b", "--input-format", "images", "--resize-short", "64"],
+     "--boxes-column applies to parquet and manifest"),
+    (["--boxes-column", "b", "--boxes-file", "x.jsonl", "--resize-short", "64"], "give one"),
+    (["--resize-short", "64", "--task", "both,explain"], "does not combine"),
+    (["--region-maps", "--resize-short", "64", "--grid", "layer4"], "--region-maps needs boxes"),
+])
+def test_detection_flags_are_checked(argv, message):
+    from resnet_features.core.config import ConfigError, config_from_args, get_args_parser
+
+    with pytest.raises(ConfigError, match=message):
+        config_from_args(get_args_parser().parse_args(["--input", "i", "--output", "o", *argv]))
