@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image, ImageOps
@@ -278,3 +279,63 @@ def test_detection_flags_are_checked(argv, message):
 
     with pytest.raises(ConfigError, match=message):
         config_from_args(get_args_parser().parse_args(["--input", "i", "--output", "o", *argv]))
+
+
+@pytest.mark.slow
+def test_image_folder_with_sidecar_end_to_end(resnet18_weights, reference_model, ray_local,
+                                              tmp_path):
+    """Photos of different sizes and EXIF orientations in one batch (images travel through Ray
+    as arrays of different shapes), boxes from a JSON-lines sidecar in the stored frame with
+    relative uris; one photo's box lies outside it (an error row), one has no boxes."""
+    from resnet_features.core.config import config_from_args, get_args_parser
+    from resnet_features.extract.pipeline import run
+    from resnet_features.runs.catalog import load_detection_features
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    cases = [("chelsea", 6, (300, 220)), ("coffee", 3, (200, 260)), ("rocket", 8, (180, 300)),
+             ("astronaut", 1, (256, 256)), ("camera", 5, (240, 160)), ("coins", 1, (200, 100))]
+    expected, lines = {}, []
+    for k, (name, orientation, (w, h)) in enumerate(cases):
+        oriented = Image.fromarray(load_photo(name)).convert("RGB").resize((w, h))
+        boxes = [[0, 0, w // 2, h // 3], [w // 4, h // 2, w, h]] if k != 3 else []
+        data, stored = stored_photo(oriented, orientation, boxes)
+        rel = f"{k}_{name}.jpg"
+        (folder / rel).write_bytes(data)
+        if k == 5:
+            stored = [[0, 0, 500, 10]]  # outside the 200x100 photo
+        lines.append(json.dumps({"uri": rel, "boxes": stored}))
+        expected[str(folder / rel)] = (np.array(boxes, dtype=np.float32).reshape(-1, 4),
+                                       data, (w, h))
+    (tmp_path / "boxes.jsonl").write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / "out")
+    cfg = config_from_args(get_args_parser().parse_args([
+        "--input", str(folder), "--output", out, "--model", "resnet18", "--weights",
+        resnet18_weights, "--task", "embed", "--resize-short", "96", "--boxes-file",
+        str(tmp_path / "boxes.jsonl"), "--decode-batch-size", "8", "--batch-size", "8",
+        "--run-id", "r", "--max-error-rate", "0.5"]))
+    result = run(cfg)
+    assert result.exit_code == 0, result.reason
+    assert result.summary["failed_by_stage"] == {"preprocess": 1}
+    errors = pa.concat_tables([pq.read_table(p) for p in
+                               (tmp_path / "out" / "run=r" / "_errors").glob("*.parquet")])
+    assert "box 0 [0, 0, 500, 10] is outside the 200x100 image" in errors["message"][0].as_py()
+    got = load_detection_features(out, grid=())
+    assert len(got["uri"]) == 5
+    cos = []
+    for uri, boxes, feats, w, h in zip(got["uri"], got["boxes"], got["region_features"],
+                                       got["width"], got["height"]):
+        want, data, size = expected[uri]
+        assert (w, h) == size
+        np.testing.assert_allclose(boxes, want, atol=1e-4)
+        if not len(want):
+            assert feats.shape == (0, 512)
+            continue
+        sw, sh = size
+        new = (round(sw * 96 / min(size) / 32) * 32, round(sh * 96 / min(size) / 32) * 32)
+        ref = reference_maps(reference_model, data, new)["layer4"]
+        scale = torch.tensor([new[0] / sw, new[1] / sh] * 2)
+        pooled = roi_align(ref, [torch.from_numpy(want) * scale], 7, 1 / 32, 0, True)
+        cos.append(_cos(feats, pooled.mean((2, 3)).numpy()))
+    cos = np.concatenate(cos)
+    assert cos.mean() >= 0.999 and cos.min() >= 0.99, cos
