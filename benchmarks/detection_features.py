@@ -80,6 +80,7 @@ def main() -> None:
     c = stage_channels(spec.embedding_dim)
     geometry = AspectGeometry(args.size, None, 32)
     aspect = DecodeOptions(aspect=geometry)
+    load_at_start = round(os.getloadavg()[0], 1)
     rows = [measure(f"pooled embedding (crop {spec.preprocessing.crop_size})", spec, state,
                     options, (Embedding(spec.embedding_dim),), DecodeOptions(), base,
                     args.repeats),
@@ -93,7 +94,11 @@ def main() -> None:
                                 options, (Regions("layer4", c["layer4"], dtype),), aspect,
                                 batch, args.repeats))
     report = {"model": args.model, "weights": args.weights, "images": args.images,
-              "device": args.device, "torch_threads": torch.get_num_threads(), "rows": rows}
+              "device": args.device, "torch_threads": torch.get_num_threads(),
+              "cpus": os.cpu_count(), "load_average_1min_at_start": load_at_start,
+              "load_average_1min_at_end": round(os.getloadavg()[0], 1),
+              "note": "one process, no Ray; images/s include decode + model + encode; on a "
+              "shared machine the load average says how loaded it was", "rows": rows}
     print(json.dumps(report, indent=2))
     os.makedirs("benchmarks", exist_ok=True)
     with open(f"benchmarks/results_detection_{args.device}.json", "w") as f:
