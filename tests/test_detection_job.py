@@ -18,8 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from resnet_features.core.config import config_from_args, get_args_parser
+from resnet_features.core.models import resolve_model
 from resnet_features.core.samples import pasted_scene
 from resnet_features.extract.pipeline import run
+from resnet_features.runs import protocol
 from resnet_features.runs.catalog import load_detection_features
 from resnet_features.tools import probe
 
@@ -63,11 +65,11 @@ def make_input(folder: str, n: int = 24, seed: int = 0) -> str:
 def test_regions_and_grid_end_to_end(resnet18_weights, ray_local, tmp_path):
     make_input(str(tmp_path / "in"))
     out = str(tmp_path / "out")
-    cfg = config_from_args(get_args_parser().parse_args([
-        "--input", str(tmp_path / "in"), "--output", out, "--model", "resnet18",
-        "--weights", resnet18_weights, "--task", "embed", "--grid", "layer3,layer4",
-        "--resize-short", "128", "--boxes-column", "boxes", "--keep-columns", "box_labels",
-        "--run-id", "r", "--max-error-rate", "0.1"]))
+    argv = ["--input", str(tmp_path / "in"), "--output", out, "--model", "resnet18",
+            "--weights", resnet18_weights, "--task", "embed", "--grid", "layer3,layer4",
+            "--resize-short", "128", "--boxes-column", "boxes", "--keep-columns", "box_labels",
+            "--max-error-rate", "0.1"]
+    cfg = config_from_args(get_args_parser().parse_args([*argv, "--run-id", "r"]))
     result = run(cfg)
     assert result.exit_code == 0, result.reason
     s = result.summary
@@ -103,3 +105,14 @@ def test_regions_and_grid_end_to_end(resnet18_weights, ray_local, tmp_path):
     acc = probe.evaluate(head, x[val], y[val], sorted(set(labels)))["accuracy"]
     chance = np.bincount(y[val]).max() / len(val)
     assert acc >= max(0.8, chance + 0.2), (acc, chance)
+
+    # --incremental: the same detection flags reuse the rows; another geometry does not.
+    same = config_from_args(get_args_parser().parse_args([*argv, "--run-id", "r2",
+                                                          "--incremental"]))
+    assert same.resize_short == 128
+    fp = result.summary["task_fingerprint"]
+    plain = protocol.fingerprint_of(protocol.task_identity(
+        resolve_model("resnet18", resnet18_weights)[0], "embed", 5))
+    assert fp != plain
+    again = run(same)
+    assert again.summary["computed"] == 1  # only the decode error row is retried

@@ -281,6 +281,12 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
                                      storage_options=cfg.storage_options,
                                      weights_sha256=cfg.weights_sha256)
     identity = runs.task_identity(spec, cfg.task, cfg.top_k)
+    if cfg.resize_short is not None:
+        # The uncropped geometry changes every column (the embedding too): such rows never
+        # stand in for centre-crop rows, or for rows of another geometry, box source or layer.
+        identity["detection"] = {k: getattr(cfg, k) for k in (
+            "resize_short", "max_size", "grid", "boxes_column", "boxes_file", "boxes_frame",
+            "region_layer", "region_dtype", "region_maps")}
     task_fp = runs.fingerprint_of(identity)
     if layout.publish_pending() and not cfg.overwrite:
         log.info("run %s was complete but not fully published: publishing it now", cfg.run_id)
