@@ -22,7 +22,13 @@ from torchvision.transforms.v2 import functional as TF
 from resnet_features.core.models import resolve_model
 from resnet_features.core.samples import load_photo
 from resnet_features.extract.decode import Decode, DecodeOptions, exif_orientation
-from resnet_features.extract.geometry import AspectGeometry, BoxError, aspect_size, map_boxes
+from resnet_features.extract.geometry import (
+    AspectGeometry,
+    BoxError,
+    aspect_size,
+    map_boxes,
+    parse_boxes,
+)
 from resnet_features.extract.inference import ModelRunner
 from resnet_features.extract.outputs import Embedding
 from resnet_features.extract.outputs.grid import Grid
@@ -339,3 +345,21 @@ def test_image_folder_with_sidecar_end_to_end(resnet18_weights, reference_model,
         cos.append(_cos(feats, pooled.mean((2, 3)).numpy()))
     cos = np.concatenate(cos)
     assert cos.mean() >= 0.999 and cos.min() >= 0.99, cos
+
+
+def test_csv_manifest_boxes_column_travels_as_json(tmp_path):
+    """A CSV manifest's boxes column (JSON text) joins the listing; kept columns stay carried."""
+    from resnet_features.extract.inputs import InputSpec, list_inputs
+    from resnet_features.extract.inputs.boxes import attach_boxes
+
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "b.jpg").write_bytes(b"y")
+    (tmp_path / "m.csv").write_text('uri,boxes,label\na.jpg,"[[1, 2, 3, 4]]",cat\nb.jpg,[],dog\n')
+    listing = list_inputs(str(tmp_path / "m.csv"), InputSpec(format="manifest",
+                                                             keep_columns=("label", "boxes")))
+    listing = attach_boxes(listing, input_uri=str(tmp_path / "m.csv"), column="boxes",
+                           keep=("label",))
+    assert listing.table.column("boxes_in").to_pylist() == ["[[1, 2, 3, 4]]", "[]"]
+    assert listing.extra.column_names == ["label"]
+    assert [parse_boxes(c).shape for c in listing.table.column("boxes_in").to_pylist()] == [
+        (1, 4), (0, 4)]
