@@ -38,14 +38,16 @@ __all__ = [
     "parse_storage_options",
 ]
 
+DETECT = "detection features (grid maps, region features; docs/detection-features.md)"
+
 IO, RUNS, MODEL, EXEC, LIMITS = ("input and output", "runs (nightly, resumable, incremental)",
                                  "model", "execution", "errors and limits")
-GROUPS = (IO, RUNS, MODEL, EXEC, LIMITS)  # --help shows them in this order
+GROUPS = (IO, RUNS, MODEL, DETECT, EXEC, LIMITS)  # --help shows them in this order
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 TASKS = ("embed", "classify", "both", "explain")
 #: Columns every output has; carried input columns must not shadow them.
 RESERVED_COLUMNS = frozenset({"uri", "embedding", "topk_ids", "topk_labels", "topk_scores",
-                              "width", "height"})
+                              "width", "height", "boxes", "region_features", "region_maps"})
 
 
 def opt(default: Any = dataclasses.MISSING, *, help: str, group: str,
@@ -91,6 +93,14 @@ def parse_layers(text: str | None) -> tuple[str, ...]:
         raise ConfigError(f"--layers: unknown layer(s) {', '.join(bad)}; choose from "
                           f"{', '.join(LAYER_NAMES)}")
     return tuple(n for n in LAYER_NAMES if n in names)
+
+
+def parse_grid(text: str | None) -> tuple[str, ...]:
+    """`--grid layer3,layer4` -> ('layer3', 'layer4'); ConfigError on bad names."""
+    try:
+        return parse_layers(text)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("--layers", "--grid")) from None
 
 
 def _comma_list(text: str | None) -> tuple[str, ...]:
@@ -276,6 +286,41 @@ class ExtractConfig:
         "AND, OR, NOT, parentheses); rows left out are counted in the summary as "
         "skipped.filtered, never as errors", group=IO, parse=_where, metavar="EXPR")
 
+    grid: tuple[str, ...] = opt(
+        (), help=f"comma-separated stages ({','.join(LAYER_NAMES)}) whose whole feature map is "
+        "stored per image, float16, (H, W, C) row-major in a list column grid_<layer> with "
+        "grid_<layer>_h/_w; needs --resize-short", group=DETECT, parse=parse_grid)
+    resize_short: int | None = opt(
+        None, help="aspect-preserving geometry for --grid and boxes: resize the short side to N "
+        "(no centre crop), sides rounded to the deepest stage's stride (layer4: 32); embedding "
+        "and top-k then come from the same uncropped pass", group=DETECT, positive=True,
+        metavar="N")
+    max_size: int | None = opt(
+        None, help="with --resize-short: cap the long side at M (the scale shrinks to fit)",
+        group=DETECT, positive=True, metavar="M")
+    boxes_column: str | None = opt(
+        None, help="parquet/manifest input: column of boxes per image, pixel x1,y1,x2,y2 (a list "
+        "of 4-lists, a flat list, or JSON text of either) in --boxes-frame coordinates; adds the "
+        "columns boxes and region_features", group=DETECT)
+    boxes_file: str | None = opt(
+        None, help="sidecar file of boxes keyed by uri (Parquet or JSON lines with columns uri, "
+        "boxes; uri as the output writes it, or relative to --input): boxes for image folders "
+        "and tar shards", group=DETECT, parse=lambda t: _uri(t) if t else None)
+    boxes_frame: str = opt(
+        "stored", help="coordinates of the input boxes: stored = the image as stored in the "
+        "file, before EXIF orientation (annotation tools, raw pixels); oriented = after it (what "
+        "the output's width/height and boxes columns use)", group=DETECT,
+        choices=("stored", "oriented"))
+    region_layer: str = opt(
+        "layer4", help="stage whose map RoIAlign pools the boxes from", group=DETECT,
+        choices=LAYER_NAMES)
+    region_dtype: str = opt(
+        "float16", help="storage type of region_features (and region_maps)", group=DETECT,
+        choices=("float16", "float32"))
+    region_maps: bool = opt(
+        False, help="also store each box's 7x7 RoIAlign map, (7, 7, C) row-major per box, in "
+        "region_maps (49x the bytes of region_features)", group=DETECT)
+
     def public_dict(self) -> dict[str, Any]:
         """The config as recorded in outputs: storage options (credentials) are redacted."""
         d = asdict(self)
@@ -390,6 +435,7 @@ def _check(v: dict[str, Any]) -> None:
         raise ConfigError("--explain-png needs explain in --task (e.g. --task both,explain)")
     if v["explain_class"] is not None and not v["explain"]:
         raise ConfigError("--explain-class needs explain in --task (e.g. --task both,explain)")
+    _check_detection(v)
     retry = v["retry_errors"]
     if v["run_id"] is None:
         v["run_id"] = f"{retry}-retry" if retry else time.strftime("%Y-%m-%d", time.gmtime())
@@ -403,3 +449,30 @@ def _check(v: dict[str, Any]) -> None:
     if retry and v["incremental"]:
         raise ConfigError("--retry-errors and --incremental do not combine: a retry already "
                           "processes only the failed inputs")
+
+
+def _check_detection(v: dict[str, Any]) -> None:
+    """The rules of the detection-feature flags (docs/detection-features.md)."""
+    boxes = v["boxes_column"] or v["boxes_file"]
+    if v["boxes_column"] and v["boxes_file"]:
+        raise ConfigError("--boxes-column and --boxes-file are two sources of the same boxes: "
+                          "give one")
+    if v["boxes_column"] and v["input_format"] in ("images", "tar"):
+        raise ConfigError("--boxes-column applies to parquet and manifest inputs; image "
+                          "folders and tar shards take --boxes-file")
+    if (v["grid"] or boxes) and v["resize_short"] is None:
+        raise ConfigError("--grid and boxes need the aspect-preserving geometry: add "
+                          "--resize-short N (e.g. 448, or 600 with --max-size 1000)")
+    if v["max_size"] is not None and v["resize_short"] is None:
+        raise ConfigError("--max-size caps --resize-short's long side: add --resize-short N")
+    if v["max_size"] is not None and v["max_size"] < v["resize_short"]:
+        raise ConfigError(f"--max-size {v['max_size']} is smaller than --resize-short "
+                          f"{v['resize_short']}")
+    if v["resize_short"] is not None and v["explain"]:
+        raise ConfigError("--task explain works on the centre crop; it does not combine with "
+                          "--resize-short (run it as a separate job)")
+    if v["resize_short"] is not None and v["gpu_decode"]:
+        raise ConfigError("--gpu-decode does not combine with --resize-short (nvJPEG decodes "
+                          "into the centre-crop batch)")
+    if v["region_maps"] and not boxes:
+        raise ConfigError("--region-maps needs boxes: --boxes-column or --boxes-file")

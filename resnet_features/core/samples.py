@@ -8,7 +8,7 @@ import os
 import numpy as np
 from PIL import Image
 
-__all__ = ["PHOTO_NAMES", "load_photo", "write_samples"]
+__all__ = ["OBJECTS", "PHOTO_NAMES", "load_photo", "object_patch", "pasted_scene", "write_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +53,28 @@ def write_samples(folder: str, count: int = 24, seed: int = 0) -> list[str]:
         paths.append(path)
     log.info("wrote %d sample photos to %s", len(paths), folder)
     return paths
+
+
+#: Real objects cut out of scikit-image photos: (photo, y0, y1, x0, x1).
+OBJECTS: dict[str, tuple[str, int, int, int, int]] = {
+    "cat": ("chelsea", 40, 260, 120, 340),  # the cat's face
+    "face": ("astronaut", 20, 220, 150, 330),  # the astronaut's face
+    "cup": ("coffee", 30, 380, 110, 480),  # the coffee cup
+}
+
+
+def object_patch(name: str, width: int, height: int) -> Image.Image:
+    """One of OBJECTS, resized to width x height."""
+    photo, y0, y1, x0, x1 = OBJECTS[name]
+    return Image.fromarray(load_photo(photo)[y0:y1, x0:x1]).resize((width, height))
+
+
+def pasted_scene(background: str, size: tuple[int, int],
+                 placements: list[tuple[str, int, int, int, int]]) -> Image.Image:
+    """A real photo resized to `size` (w, h) with objects pasted at known boxes: each
+    placement is (object name, x1, y1, x2, y2) in pixels (edges, x2/y2 exclusive)."""
+    arr = load_photo(background)
+    img = Image.fromarray(arr).convert("RGB").resize(size)
+    for name, x1, y1, x2, y2 in placements:
+        img.paste(object_patch(name, x2 - x1, y2 - y1), (x1, y1))
+    return img

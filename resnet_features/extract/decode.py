@@ -30,7 +30,7 @@ import logging
 import struct
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from resnet_features.core.config import config_default
 from resnet_features.core.errors import Stage, error_columns, set_error
 from resnet_features.core.models import Preprocessing
+from resnet_features.extract.geometry import AspectGeometry, aspect_size, map_boxes
 from resnet_features.extract.image_ops import INTERPOLATIONS, decode_jpeg_rgb, resize
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "open_image",
     "preprocess",
     "resize_geometry",
+    "resize_to",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,10 @@ class DecodeOptions:
     # --gpu-decode-fraction: the share of deferrable JPEGs sent to the GPU; the rest decode here.
     # On a GPU node the CPUs and nvJPEG together decode more than either alone.
     defer_fraction: float = 1.0
+    # --resize-short/--max-size: the uncropped, aspect-preserving geometry (geometry.py); the
+    # `image` column then holds one (h, w, 3) array per row, sizes differing between rows.
+    aspect: AspectGeometry | None = None
+    boxes_frame: str = "stored"  # --boxes-frame: the frame of the `boxes_in` column
 
 
 @dataclass(frozen=True)
@@ -300,6 +306,30 @@ def preprocess(img, width: int, height: int, prep: Preprocessing,
     return np.asarray(out, dtype=np.uint8)
 
 
+def resize_to(img, new_w: int, new_h: int, prep: Preprocessing,
+              options: DecodeOptions | None = None) -> np.ndarray:
+    """`open_image`'s image resized to exactly new_w x new_h, no crop: (new_h, new_w, 3) uint8,
+    with the same kernels as the centre-crop path (torch's uint8 antialiased resize, or
+    Pillow's for interpolations torch lacks or on the "pillow" backend)."""
+    options = options or DecodeOptions()
+    if not isinstance(img, torch.Tensor):
+        rgb = _to_rgb(img)
+        if not _torch_resizable(prep, options):
+            out = rgb.resize((new_w, new_h), _RESAMPLE[prep.interpolation])
+            return np.asarray(out, dtype=np.uint8)
+        img = _readonly_tensor(np.asarray(rgb, dtype=np.uint8)).permute(2, 0, 1)
+    if img.shape[1:] != (new_h, new_w):
+        img = resize(img, (new_h, new_w), prep.interpolation, prep.antialias)
+    return np.ascontiguousarray(img.permute(1, 2, 0).numpy())
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) of encoded image bytes, from the header only; 1 if none."""
+    with Image.open(io.BytesIO(data)) as img:
+        value = img.getexif().get(ORIENTATION_TAG, 1)
+    return value if value in range(1, 9) else 1
+
+
 def decode_image(data: bytes, prep: Preprocessing, options: DecodeOptions) -> DecodedImage:
     """Decode and preprocess one encoded image; raises on bad input."""
     img, width, height = open_image(data, prep, options)
@@ -313,9 +343,17 @@ class Decode:
     def __init__(self, prep: Preprocessing, options: DecodeOptions | None = None):
         self.prep = prep
         self.options = options or DecodeOptions()
+        if self.options.aspect is not None:
+            if self.options.defer_jpeg:
+                raise ValueError("--gpu-decode does not combine with --resize-short")
+            # DCT scaling and the torch kernels are chosen against the short side's target.
+            n = self.options.aspect.resize_short
+            self.prep = replace(prep, resize_size=n, crop_size=n)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         Image.MAX_IMAGE_PIXELS = self.options.max_image_pixels
+        if self.options.aspect is not None:
+            return self._call_aspect(batch)
         n = len(batch["uri"])
         crop = self.prep.crop_size
         out = {k: v for k, v in batch.items() if k != "bytes"}
@@ -359,4 +397,51 @@ class Decode:
         out["image"] = images
         out["width"] = width
         out["height"] = height
+        return out
+
+    def _call_aspect(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The uncropped geometry: `image` is an object array of (h, w, 3) uint8 arrays (sizes
+        differ between rows; the model stage groups equal shapes). With a `boxes_in` column,
+        adds `boxes` (oriented full-size frame) and `rois` (model-input frame), float32 bytes
+        of (k, 4) each; a bad box makes its image a `preprocess` error row."""
+        n = len(batch["uri"])
+        geometry = self.options.aspect
+        out = {k: v for k, v in batch.items() if k not in ("bytes", "boxes_in")}
+        if "error_stage" not in out:
+            out.update(error_columns(n))
+        placeholder = np.zeros((geometry.stride, geometry.stride, 3), dtype=np.uint8)
+        images = np.empty(n, dtype=object)
+        images[:] = [placeholder] * n
+        width = np.zeros(n, dtype=np.int32)
+        height = np.zeros(n, dtype=np.int32)
+        has_boxes = "boxes_in" in batch
+        boxes = np.empty(n, dtype=object)
+        boxes[:] = [b""] * n
+        rois = boxes.copy()
+        for i in range(n):
+            if out["error_stage"][i]:
+                continue
+            data = batch["bytes"][i]
+            try:
+                img, w, h = open_image(data, self.prep, self.options)
+            except Exception as exc:  # noqa: BLE001 - as in __call__: the image's fault
+                set_error(out, i, Stage.DECODE, exc)
+                continue
+            new_w, new_h = aspect_size(w, h, geometry)
+            try:
+                if has_boxes:
+                    oriented, scaled = map_boxes(batch["boxes_in"][i], exif_orientation(data),
+                                                 w, h, new_w, new_h, self.options.boxes_frame)
+                    boxes[i], rois[i] = oriented.tobytes(), scaled.tobytes()
+                images[i] = resize_to(img, new_w, new_h, self.prep, self.options)
+            except Exception as exc:  # noqa: BLE001 - a bad box or a failing resize: this row's
+                set_error(out, i, Stage.PREPROCESS, exc)
+                continue
+            width[i], height[i] = w, h
+        out["image"] = images
+        out["width"] = width
+        out["height"] = height
+        if has_boxes:
+            out["boxes"] = boxes
+            out["rois"] = rois
         return out

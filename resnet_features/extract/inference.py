@@ -204,6 +204,8 @@ class ModelRunner:
         out = {k: v for k, v in batch.items() if k != "image"}
         if "error_stage" not in out:
             out.update(error_columns(n))
+        if batch["image"].dtype == object:  # --resize-short: images of different sizes
+            return self._call_ragged(batch["image"], out)
         rows = np.flatnonzero(ok_mask(out))
         acts: dict[str, torch.Tensor] = {}
         images = batch["image"][:0]
@@ -217,4 +219,38 @@ class ModelRunner:
         fwd = Forward(n=n, rows=rows, acts=acts, images=images, runner=self)
         for unit in self.outputs:
             out.update(unit.compute(fwd, out))
+        return out
+
+    def _call_ragged(self, images: np.ndarray, out: dict[str, np.ndarray]
+                     ) -> dict[str, np.ndarray]:
+        """Uncropped images of different sizes: one forward pass per group of equal shapes, no
+        padding (padding would change the features near the borders), so every map is the
+        one the image gives alone. Units compute per group; their full-length columns merge."""
+        n = len(out["uri"])
+        ok = np.flatnonzero(ok_mask(out))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in ok:
+            groups.setdefault(tuple(images[i].shape), []).append(int(i))
+        merged: dict[str, np.ndarray] = {}
+        passes = [np.asarray(g, dtype=np.int64) for g in groups.values()] or [
+            np.zeros(0, dtype=np.int64)]
+        for rows in passes:
+            stack = np.stack([images[i] for i in rows]) if len(rows) else np.zeros(
+                (0, 1, 1, 3), dtype=np.uint8)
+            acts: dict[str, torch.Tensor] = {}
+            if len(rows):
+                done, acts = self._forward_rows(stack, rows, out)
+                if len(done) < len(rows):
+                    stack = stack[np.isin(rows, done)]
+                rows = done
+            fwd = Forward(n=n, rows=rows, acts=acts, images=stack, runner=self)
+            cols: dict[str, np.ndarray] = {}
+            for unit in self.outputs:
+                cols.update(unit.compute(fwd, {**out, **merged, **cols}))
+            for name, col in cols.items():
+                if name not in merged:
+                    merged[name] = col
+                else:
+                    merged[name][rows] = col[rows]
+        out.update(merged)
         return out

@@ -34,7 +34,9 @@ from resnet_features.extract.decode import Decode, DecodeOptions
 from resnet_features.extract.gpu_decode import with_gpu_decode
 from resnet_features.extract.inference import InferenceOptions, ModelRunner, precision_name
 from resnet_features.extract.inputs import InputSpec, Listing, ReadBytes, list_inputs, listing_blocks
+from resnet_features.extract.inputs.boxes import attach_boxes
 from resnet_features.extract.outputs import build_outputs, units_metadata
+from resnet_features.extract.outputs.grid import geometry_of
 from resnet_features.extract.writer import PartWriter, WriteStats, auto_rows_per_file, now_iso
 from resnet_features.runs import protocol as runs
 
@@ -159,6 +161,8 @@ def build_dataset(
         backend=cfg.decode_backend,
         defer_jpeg=cfg.gpu_decode and options.device == "cuda",
         defer_fraction=cfg.gpu_decode_fraction,
+        aspect=geometry_of(cfg),
+        boxes_frame=cfg.boxes_frame,
     )
     if decode_options.defer_jpeg:
         runner_cls = with_gpu_decode(runner_cls)
@@ -323,6 +327,12 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         finally:
             spec, state_dict = resolving.result()
     identity = runs.task_identity(spec, cfg.task, cfg.top_k)
+    if cfg.resize_short is not None:
+        # The uncropped geometry changes every column (the embedding too): such rows never
+        # stand in for centre-crop rows, or for rows of another geometry, box source or layer.
+        identity["detection"] = {k: getattr(cfg, k) for k in (
+            "resize_short", "max_size", "grid", "boxes_column", "boxes_file", "boxes_frame",
+            "region_layer", "region_dtype", "region_maps")}
     task_fp = runs.fingerprint_of(identity)
     if layout.publish_pending() and not cfg.overwrite:
         log.info("run %s was complete but not fully published: publishing it now", cfg.run_id)
@@ -337,8 +347,16 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     units = build_outputs(cfg, spec)  # a bad --head or --explain-class fails here
     listing = list_inputs(cfg.input, InputSpec(
         format=cfg.input_format, image_column=cfg.image_column, id_column=cfg.id_column,
-        uri_column=cfg.uri_column, keep_columns=cfg.keep_columns, where=cfg.where),
+        uri_column=cfg.uri_column, keep_columns=cfg.keep_columns + tuple(
+            c for c in (cfg.boxes_column,) if c and c not in cfg.keep_columns),
+        where=cfg.where),
         cfg.storage_options)
+    if cfg.boxes_column or cfg.boxes_file:
+        listing = attach_boxes(listing, input_uri=cfg.input, column=cfg.boxes_column,
+                               sidecar=cfg.boxes_file, keep=cfg.keep_columns,
+                               storage_options=cfg.storage_options)
+    for unit in units:
+        unit.sized_for(listing.table)
     table = listing.table
     if cfg.fingerprint == "hash":
         if listing.format in ("tar", "parquet"):

@@ -52,6 +52,16 @@ def auto_rows_per_file(units: list[OutputUnit] | tuple[OutputUnit, ...]) -> int:
     return max(64, TARGET_FILE_BYTES // row_bytes(units))
 
 
+#: Row group size aimed at: DuckDB and Polars stream and parallelise by row group, so a part of
+#: large rows (grid maps, region features) is cut into several instead of one ~128 MB group.
+TARGET_ROW_GROUP_BYTES = 16 * 1024 * 1024
+
+
+def auto_row_group_rows(units: list[OutputUnit] | tuple[OutputUnit, ...]) -> int:
+    """Rows per row group for ~TARGET_ROW_GROUP_BYTES groups; at least 1."""
+    return max(1, TARGET_ROW_GROUP_BYTES // row_bytes(units))
+
+
 def part_name(part: int, attempt: int = 0) -> str:
     """`part-00000.parquet`; parts of a resumed attempt k>0 are `part-00000-rk.parquet`."""
     return f"part-{part:05d}.parquet" if attempt == 0 else f"part-{part:05d}-r{attempt}.parquet"
@@ -90,6 +100,7 @@ class PartWriter:
         self.output_uri = output_uri
         self.units = tuple(units)
         self.rows_per_file = rows_per_file
+        self.row_group_rows = auto_row_group_rows(self.units)
         meta = {"resnet_features": json.dumps(file_metadata, sort_keys=True)}
         # Input columns carried through (--id-column/--keep-columns), row i = listing index i.
         self.extra = extra
@@ -216,7 +227,7 @@ class PartWriter:
         tmp = storage.join(self.root, TMP_DIR, relpath.replace("/", "__"))
         final = storage.join(self.root, relpath)
         with self.fs.open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
+            pq.write_table(table, f, compression="zstd", row_group_size=self.row_group_rows)
         self.fs.mv(tmp, final)
         if relpath.startswith(LEDGER_DIR):
             return

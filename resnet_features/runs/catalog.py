@@ -29,11 +29,12 @@ import pyarrow.parquet as pq
 
 from resnet_features.core import storage
 from resnet_features.core.errors import SearchError
+from resnet_features.runs.features import box_arrays, grid_arrays, region_arrays
 from resnet_features.runs.layout import SUCCESS_FILE, SUMMARY_FILE
 from resnet_features.runs.ledger import HASH, V1_LEDGER_FILE, uri_hash
 from resnet_features.runs.protocol import RunInfo, finished_runs
 
-__all__ = ["Catalog", "RunInfo", "load_features"]
+__all__ = ["Catalog", "RunInfo", "load_detection_features", "load_features"]
 
 BATCH_ROWS = 65_536
 RUN_COLUMN = "run"
@@ -215,3 +216,31 @@ def load_features(output: str, run: str | None = None, *, columns: list[str] | N
     cols = None if columns is None else list(dict.fromkeys(["uri", *columns]))
     table = Catalog.open(output, storage_options, run=run).read(cols)
     return table.sort_by("uri") if table.num_rows else table
+
+
+def load_detection_features(output: str, run: str | None = None, *,
+                            grid: tuple[str, ...] | list[str] = ("layer4",),
+                            regions: bool = True, maps: bool = False,
+                            storage_options: dict[str, Any] | None = None
+                            ) -> dict[str, Any]:
+    """`load_features` for detection outputs, ready for numpy: {"uri": (n,) array,
+    "width"/"height": (n,), "grid_<layer>": [(H, W, C) float16] per row, "boxes": [(k, 4)],
+    "region_features": [(k, C)], "region_maps": [(k, 7, 7, C)]} for the columns asked for
+    (rows sorted by uri; images without boxes give (0, 4) and (0, C) arrays)."""
+
+    columns = ["width", "height"]
+    for layer in grid:
+        columns += [f"grid_{layer}", f"grid_{layer}_h", f"grid_{layer}_w"]
+    if regions:
+        columns += ["boxes", "region_features"] + (["region_maps"] if maps else [])
+    table = load_features(output, run, columns=columns, storage_options=storage_options)
+    out: dict[str, Any] = {name: table.column(name).to_numpy(zero_copy_only=False)
+                           for name in ("uri", "width", "height")}
+    for layer in grid:
+        out[f"grid_{layer}"] = grid_arrays(table, layer)
+    if regions:
+        out["boxes"] = box_arrays(table)
+        out["region_features"] = region_arrays(table)
+        if maps:
+            out["region_maps"] = region_arrays(table, "region_maps")
+    return out

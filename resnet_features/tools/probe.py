@@ -24,6 +24,7 @@ from resnet_features.core import storage
 from resnet_features.core.errors import HeadError, SearchError
 from resnet_features.extract.outputs.head import HEAD_FORMAT, Head, load_head, save_head
 from resnet_features.runs.catalog import Catalog
+from resnet_features.runs.features import region_arrays
 
 __all__ = [
     "HEAD_FORMAT",
@@ -87,6 +88,9 @@ def load_labelled(
     name = labels.split(":", 1)[1] if labels.startswith("column:") else None
     if name is not None and name not in catalog.schema().names:
         raise HeadError(f"the output has no column {name!r}; columns: {catalog.schema().names}")
+    if column in catalog.schema().names and pa.types.is_list(catalog.schema().field(
+            column).type):
+        return _load_regions(catalog, column, name)
     parts = list(catalog.embeddings(column))
     if not parts:
         raise SearchError(f"{output} holds no rows in a finished run")
@@ -106,6 +110,34 @@ def load_labelled(
     if keep.sum() < len(y):
         log.warning("%d of %d rows have no label and are left out", len(y) - keep.sum(), len(y))
     return uris[keep], emb[keep], y[keep]
+
+
+def _load_regions(catalog: Catalog, column: str, name: str | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows = boxes: each box's vector of a region column (`region_features`), labelled by
+    the same position of a list column (`--labels column:NAME`, one label per box, e.g. an
+    input column carried with --keep-columns); uris are `<uri>#box<j>`."""
+    if name is None:
+        raise HeadError(f"{column} holds one vector per box: label the boxes with "
+                        "--labels column:NAME, a list column with one label per box")
+    table = catalog.read(["uri", column, name])
+    if not pa.types.is_list(table.schema.field(name).type):
+        raise HeadError(f"--labels column:{name} must be a list (one label per box), "
+                        f"is {table.schema.field(name).type}")
+    uris, x, y = [], [], []
+    for uri, feats, labs in zip(table.column("uri").to_pylist(), region_arrays(table, column),
+                                table.column(name).to_pylist()):
+        if labs is None or len(labs) != len(feats):
+            raise HeadError(f"{uri}: {len(feats)} boxes but "
+                            f"{'no' if labs is None else len(labs)} labels in {name}")
+        uris += [f"{uri}#box{j}" for j in range(len(feats))]
+        x.append(np.asarray(feats, dtype=np.float32))
+        y += [str(v) if v is not None else "" for v in labs]
+    if not uris:
+        raise SearchError(f"the output's {column} holds no boxes")
+    y_arr = np.array(y, dtype=object)
+    keep = y_arr != ""
+    return np.array(uris, dtype=object)[keep], np.concatenate(x)[keep], y_arr[keep]
 
 
 def stratified_split(y: np.ndarray, val_fraction: float = 0.25, seed: int = 0):
@@ -219,6 +251,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="'folder' (the image's parent folder name), 'column:NAME' (a column or "
                    "partition of the output) or a labels file (CSV/TSV/JSON lines/Parquet with "
                    "columns uri,label)")
+    p.add_argument("--column", default="embedding",
+                   help="features to train on: embedding, layer3, ... or region_features "
+                   "(rows = boxes, labelled by --labels column:NAME, a list column with one "
+                   "label per box)")
     p.add_argument("--out", required=True,
                    help="folder for head.pt, metrics.json and confusion.png")
     p.add_argument("--val-fraction", type=float, default=0.25,
@@ -256,7 +292,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(str(exc))
     try:
         summary = Catalog.open(args.input, so).latest_summary()
-        uris, x, labels = load_labelled(args.input, args.labels, so)
+        uris, x, labels = load_labelled(args.input, args.labels, so, args.column)
     except FileNotFoundError as exc:  # a path given on the command line; other OSErrors exit 1
         raise SearchError(f"no such file or folder: {exc.filename or exc}") from exc
     classes = sorted(set(labels.tolist()))

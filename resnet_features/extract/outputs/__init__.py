@@ -18,15 +18,18 @@ from resnet_features.extract.outputs.base import Forward, OutputUnit
 from resnet_features.extract.outputs.embedding import Embedding
 from resnet_features.extract.outputs.explain import ExplainOutput
 from resnet_features.extract.outputs.explain_png import ExplainPng
+from resnet_features.extract.outputs.grid import Grid
 from resnet_features.extract.outputs.head import HeadOutput
 from resnet_features.extract.outputs.layers import Layers
+from resnet_features.extract.outputs.regions import Regions
 from resnet_features.extract.outputs.topk import TopK
 
 __all__ = ["UNITS", "Forward", "OutputUnit", "build_outputs", "for_task", "output_schema",
            "row_bytes", "units_metadata"]
 
 #: Every output unit, in the order their columns appear in the output table.
-UNITS: tuple[type, ...] = (Embedding, TopK, Layers, HeadOutput, ExplainOutput, ExplainPng)
+UNITS: tuple[type, ...] = (Embedding, TopK, Layers, HeadOutput, ExplainOutput, ExplainPng, Grid,
+                           Regions)
 
 #: Columns every output row has, around the units' columns.
 URI_FIELD = pa.field("uri", pa.string(), nullable=False)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["Forward", "OutputUnit", "fixed_size_list", "list_array"]
+__all__ = ["Forward", "OutputUnit", "fixed_size_list", "list_array", "ragged_list"]
 
 
 @dataclass
@@ -74,6 +74,10 @@ class OutputUnit:
         """Stored bytes per row, roughly: sizes the part files."""
         return 0
 
+    def sized_for(self, listing: pa.Table) -> None:
+        """On the driver, once the inputs are listed: units whose rows grow with the input
+        (boxes per image) refine `row_bytes` before the files are sized."""
+
 
 def fixed_size_list(values: np.ndarray, value_type: pa.DataType | None = None) -> pa.Array:
     """(n, d) array -> fixed_size_list<value_type>[d]: the standard type every reader knows."""
@@ -89,3 +93,20 @@ def list_array(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
     n, k = values.shape
     offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=value_type))
+
+
+def ragged_list(cells: np.ndarray, dtype, value_type: pa.DataType, size: int | None = None
+                ) -> pa.Array:
+    """Rows of raw `dtype` bytes (any count of values each) -> list<value_type>, or, with
+    `size`, list<fixed_size_list<value_type>[size]> (rows of whole items: boxes, vectors)."""
+    counts = np.array([len(c) for c in cells], dtype=np.int64) // np.dtype(dtype).itemsize
+    values = np.frombuffer(b"".join(cells), dtype=dtype)
+    inner: pa.Array = pa.array(values, type=value_type)
+    if size is not None:
+        inner = pa.FixedSizeListArray.from_arrays(inner, size)
+        counts //= size
+    offsets = np.zeros(len(cells) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    if offsets[-1] < 2**31:
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), inner)
+    raise ValueError(f"{offsets[-1]} list items in one part: lower --rows-per-file")
