@@ -1,15 +1,33 @@
-"""Test helpers: realistic test weights and the independent eager-torchvision reference."""
+"""Test helpers: the config builder, realistic test weights, the independent eager-torchvision
+reference, and the job's stages run in this process without Ray (`run_stages`)."""
 
 from __future__ import annotations
 
 import os
+import pickle
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
 import torch
 from PIL import Image
 from torchvision.models import get_model_builder, get_model_weights
 
 from resnet_features.core.samples import PHOTO_NAMES, load_photo
+
+#: The repository root (tests/..).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_cfg(*argv: str, run_id: str | None = None):
+    """An ExtractConfig from command-line words, through the real parser (`run_id`: appends
+    `--run-id`)."""
+    from resnet_features.core.config import config_from_args, get_args_parser
+
+    words = [*argv, *(("--run-id", run_id) if run_id is not None else ())]
+    return config_from_args(get_args_parser().parse_args(words))
 
 
 def photo_batch(transform, n: int = 16) -> torch.Tensor:
@@ -126,3 +144,76 @@ def publish_table(output: str, run_id: str, pieces: list, summary: dict) -> str:
     layout.stage_manifest(dict(summary), identity, success=True)
     layout.publish()
     return output
+
+
+@dataclass
+class StageRun:
+    """What `run_stages` produced: the listing, the output units, the writer's counts, and the
+    rows and error rows it wrote (both sorted by uri)."""
+
+    listing: Any
+    units: tuple
+    stats: Any
+    rows: pa.Table
+    errors: pa.Table
+    output: str
+
+
+def run_stages(cfg, output: str, *, runner_cls=None, listing=None) -> StageRun:
+    """The job's stages in this process, without Ray, composed as extract/pipeline.py composes
+    them: list_inputs -> listing_blocks -> ReadBytes -> Decode -> ModelRunner -> PartWriter,
+    into `output` (a local folder: part files, `_errors/`, side files).
+
+    The numerics of the job live in these stages; Ray only moves batches between them (one Ray
+    job per concern proves that, e.g. test_reference's job-equals-stages test). The units,
+    model spec and runner class go through pickle as they would to Ray workers. `listing`:
+    use this listing instead of listing `cfg.input` (e.g. a file deleted after listing).
+    """
+    from resnet_features.core.models import resolve_model
+    from resnet_features.extract.decode import Decode, DecodeOptions
+    from resnet_features.extract.inference import InferenceOptions, ModelRunner
+    from resnet_features.extract.inputs import InputSpec, ReadBytes, list_inputs, listing_blocks
+    from resnet_features.extract.outputs import build_outputs
+    from resnet_features.extract.writer import PartWriter, auto_rows_per_file
+
+    spec, state = resolve_model(cfg.model, cfg.weights, preprocess_from=cfg.preprocess_from,
+                                storage_options=cfg.storage_options,
+                                weights_sha256=cfg.weights_sha256)
+    units = build_outputs(cfg, spec)
+    if listing is None:
+        listing = list_inputs(cfg.input, InputSpec(
+            format=cfg.input_format, image_column=cfg.image_column, id_column=cfg.id_column,
+            uri_column=cfg.uri_column, keep_columns=cfg.keep_columns), cfg.storage_options)
+    shipped_spec, shipped_units = pickle.loads(pickle.dumps((spec, units)))
+    read = ReadBytes(cfg.storage_options, input_format=listing.format,
+                     image_column=cfg.image_column)
+    decode = Decode(shipped_spec.preprocessing, DecodeOptions(
+        max_image_pixels=cfg.max_image_pixels or DecodeOptions().max_image_pixels,
+        max_image_bytes=cfg.max_image_bytes, draft_factor=cfg.draft_factor,
+        backend=cfg.decode_backend))
+    runner = (runner_cls or ModelRunner)(shipped_spec, state,
+                                         InferenceOptions(precision=cfg.precision),
+                                         shipped_units)
+    writer = PartWriter(output, units=units, listing=listing.table,
+                        rows_per_file=cfg.rows_per_file or auto_rows_per_file(units),
+                        file_metadata={"model": spec.name}, extra=listing.extra)
+    batch_size = cfg.batch_size or 32
+    for block in listing_blocks(listing, 8):
+        batch = read({k: block.column(k).to_numpy(zero_copy_only=False)
+                      for k in block.column_names})
+        for start in range(0, len(batch["uri"]), cfg.decode_batch_size):
+            decoded = decode({k: v[start:start + cfg.decode_batch_size]
+                              for k, v in batch.items()})
+            for b in range(0, len(decoded["uri"]), batch_size):
+                writer.add(runner({k: v[b:b + batch_size] for k, v in decoded.items()}))
+    assert not writer.missing_indices(), writer.missing_indices()
+    writer.close()
+    rows = pads.dataset(output, format="parquet", exclude_invalid_files=True,
+                        ignore_prefixes=["_", "."]).to_table()
+    errors_dir = os.path.join(output, "_errors")
+    errors = (pads.dataset(errors_dir, format="parquet").to_table()
+              if os.path.isdir(errors_dir) and os.listdir(errors_dir) else None)
+    return StageRun(listing=listing, units=units, stats=writer.stats,
+                    rows=rows.sort_by("uri"),
+                    errors=errors.sort_by("uri") if errors is not None else None,
+                    output=output)
