@@ -159,15 +159,16 @@ class StageRun:
     output: str
 
 
-def run_stages(cfg, output: str, *, runner_cls=None, listing=None) -> StageRun:
+def run_stages(cfg, output: str, *, runner_cls=None, after_listing=None) -> StageRun:
     """The job's stages in this process, without Ray, composed as extract/pipeline.py composes
     them: list_inputs -> listing_blocks -> ReadBytes -> Decode -> ModelRunner -> PartWriter,
     into `output` (a local folder: part files, `_errors/`, side files).
 
     The numerics of the job live in these stages; Ray only moves batches between them (one Ray
     job per concern proves that, e.g. test_reference's job-equals-stages test). The units,
-    model spec and runner class go through pickle as they would to Ray workers. `listing`:
-    use this listing instead of listing `cfg.input` (e.g. a file deleted after listing).
+    model spec go through pickle as they would to Ray workers. `runner_cls`: a ModelRunner
+    subclass (as `pipeline.run(runner_cls=...)`); `after_listing()`: called between listing and
+    reading (e.g. to delete a listed file).
     """
     from resnet_features.core.models import resolve_model
     from resnet_features.extract.decode import Decode, DecodeOptions
@@ -180,10 +181,11 @@ def run_stages(cfg, output: str, *, runner_cls=None, listing=None) -> StageRun:
                                 storage_options=cfg.storage_options,
                                 weights_sha256=cfg.weights_sha256)
     units = build_outputs(cfg, spec)
-    if listing is None:
-        listing = list_inputs(cfg.input, InputSpec(
-            format=cfg.input_format, image_column=cfg.image_column, id_column=cfg.id_column,
-            uri_column=cfg.uri_column, keep_columns=cfg.keep_columns), cfg.storage_options)
+    listing = list_inputs(cfg.input, InputSpec(
+        format=cfg.input_format, image_column=cfg.image_column, id_column=cfg.id_column,
+        uri_column=cfg.uri_column, keep_columns=cfg.keep_columns), cfg.storage_options)
+    if after_listing is not None:
+        after_listing()
     shipped_spec, shipped_units = pickle.loads(pickle.dumps((spec, units)))
     read = ReadBytes(cfg.storage_options, input_format=listing.format,
                      image_column=cfg.image_column)

@@ -72,7 +72,7 @@ JOB_ARGS = ("--model", "resnet18", "--rows-per-file", "4", "--batch-size", "4")
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_job_writes_what_the_stages_compute(job_a, few_photos, resnet18_weights, tmp_path):
     """The Ray job's rows equal the Ray-free stages' rows, row for row (so the numerics checked
     on the stages above are the job's), and its summary and file layout are the documented
@@ -105,6 +105,7 @@ def test_job_writes_what_the_stages_compute(job_a, few_photos, resnet18_weights,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_output_types_and_readers(job_a):
     """Standard Arrow types only, readable as one dataset by pyarrow, DuckDB and Polars."""
     out, _ = job_a
@@ -132,7 +133,7 @@ def test_output_types_and_readers(job_a):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_second_run_gives_same_rows(job_a, few_photos, resnet18_weights, tmp_path):
     """A second run of the same job on another output gives the same table, bit for bit, and
     the same run folder layout."""

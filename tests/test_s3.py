@@ -281,7 +281,7 @@ def test_formats_agree(stage_outputs, dataset):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_s3_job_and_secrets_stay_out(s3, job_output, stage_outputs, dataset):
     """The Ray job, s3:// in and out with credentials only in --storage-options: the summary's
     counts, the part-file layout, the rows and error rows the format must give, embeddings
@@ -354,6 +354,7 @@ def _wait_for_port(port: int, timeout: float) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_ray_job_submit_s3(s3, dataset, resnet18_weights):
     """`ray start --head` + `ray job submit` with s3:// in and out; credentials and endpoint come
     from the standard environment variables (AWS_ENDPOINT_URL), not from flags."""
