@@ -127,6 +127,12 @@ def _format_args(s3, fmt: str, resnet18_weights: str, out: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
+def reference(dataset, resnet18_weights):
+    """Eager torchvision's embeddings of the six local photos."""
+    return reference_outputs("resnet18", resnet18_weights, dataset["local"])[0]
+
+
+@pytest.fixture(scope="module")
 def stage_outputs(s3, dataset, resnet18_weights, tmp_path_factory):
     """`stage_outputs(fmt)`: that format's listing + fetch + decode + model + writer on the S3
     server, in this process without Ray (cached); returns the StageRun."""
@@ -253,7 +259,7 @@ def _check_format(fmt: str, rows: pa.Table, errors: list[pa.Table], names: list[
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("fmt", list(CASES))
-def test_s3_stages_each_format(fmt, stage_outputs, dataset, resnet18_weights):
+def test_s3_stages_each_format(fmt, stage_outputs, dataset, reference):
     """Ray-free, on the S3 server: each format's listing (counts, skipped entries), fetch
     (error rows for missing objects and null cells), carried columns, and the embeddings eager
     torchvision gives on the local files (the bytes made it through intact)."""
@@ -266,8 +272,7 @@ def test_s3_stages_each_format(fmt, stage_outputs, dataset, resnet18_weights):
     assert (stages.stats.succeeded, stages.stats.failed) == (inputs - failed, failed)
     errors = [stages.errors] if stages.errors is not None else []
     _check_format(fmt, stages.rows, errors, names)
-    ref, _, _ = reference_outputs("resnet18", resnet18_weights, dataset["local"])
-    cos = cosine(_embeddings_by_photo(fmt, stages.rows, names), ref)
+    cos = cosine(_embeddings_by_photo(fmt, stages.rows, names), reference)
     assert cos.min() >= 0.999, cos
 
 
