@@ -86,13 +86,23 @@ def make_calibrated_state_dict(model_name: str, path: str, seed: int = 0) -> str
 
 def reference_outputs(model_name: str, state_dict_path: str, image_paths: list[str],
                       weights_entry: str = "DEFAULT", top_k: int = 5):
-    """Eager torchvision on PIL images with weights.transforms(): embeddings, top-k ids, probs.
+    """Eager torchvision on image files with weights.transforms(): embeddings, top-k ids, probs.
 
-    Independent of the job's code: torchvision's own transform pipeline, its own model forward
-    with a hook on avgpool for the embedding.
+    Independent of the job's code: Pillow's decode, torchvision's own transform pipeline, its
+    own model forward with a hook on avgpool for the embedding.
     """
-    entry = get_model_weights(model_name)[weights_entry]
-    transform = entry.transforms()
+    images = []
+    for p in image_paths:
+        with Image.open(p) as im:
+            images.append(im.convert("RGB"))
+    return reference_from_images(model_name, state_dict_path, images, weights_entry, top_k)
+
+
+def reference_from_images(model_name: str, state_dict_path: str, images: list[Image.Image],
+                          weights_entry: str = "DEFAULT", top_k: int = 5):
+    """Eager torchvision (weights.transforms() + the model) on given pictures: embeddings
+    (N, D), top-k ids (N, k) and their probabilities (N, k)."""
+    transform = get_model_weights(model_name)[weights_entry].transforms()
     model = get_model_builder(model_name)(weights=None)
     model.load_state_dict(torch.load(state_dict_path, weights_only=True))
     model.eval()
@@ -100,11 +110,8 @@ def reference_outputs(model_name: str, state_dict_path: str, image_paths: list[s
     model.avgpool.register_forward_hook(lambda m, i, o: pooled.__setitem__("x", o))
     embs, ids, probs = [], [], []
     with torch.no_grad():
-        for p in image_paths:
-            with Image.open(p) as im:
-                x = transform(im.convert("RGB")).unsqueeze(0)
-            logits = model(x)
-            pr = torch.softmax(logits, 1)
+        for im in images:
+            pr = torch.softmax(model(transform(im.convert("RGB")).unsqueeze(0)), 1)
             s, i = torch.topk(pr, top_k, 1)
             embs.append(torch.flatten(pooled["x"], 1)[0].numpy())
             ids.append(i[0].numpy())

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import zlib
 
+import helpers
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
@@ -26,7 +27,6 @@ import ray.cloudpickle
 import torch
 from helpers import ROOT, cosine, make_cfg, run_stages
 from PIL import Image
-from torchvision.models import get_model_builder, get_model_weights
 
 from resnet_features.core.errors import ConfigError
 from resnet_features.core.models import resolve_model
@@ -229,21 +229,9 @@ def corpus(tmp_path_factory):
 
 
 def reference_from_images(model_name: str, weights: str, images: list[Image.Image]):
-    """Eager torchvision (weights.transforms() + the model) on given RGB pictures."""
-    transform = get_model_weights(model_name).DEFAULT.transforms()
-    model = get_model_builder(model_name)(weights=None)
-    model.load_state_dict(torch.load(weights, weights_only=True))
-    model.eval()
-    pooled = {}
-    model.avgpool.register_forward_hook(lambda m, i, o: pooled.__setitem__("x", o))
-    embs, top1, p1 = [], [], []
-    with torch.no_grad():
-        for im in images:
-            probs = torch.softmax(model(transform(im).unsqueeze(0)), 1)[0]
-            embs.append(torch.flatten(pooled["x"], 1)[0].numpy())
-            top1.append(int(probs.argmax()))
-            p1.append(float(probs.max()))
-    return np.stack(embs), np.array(top1), np.array(p1)
+    """Eager torchvision on given RGB pictures: embeddings, top-1 ids, top-1 probabilities."""
+    emb, ids, probs = helpers.reference_from_images(model_name, weights, images)
+    return emb, ids[:, 0], probs[:, 0]
 
 
 RUN = "run=t"  # every run here uses --run-id t: its files land in OUTPUT/run=t/
