@@ -114,6 +114,7 @@ def hand_gradcam(model: torch.nn.Module, x: torch.Tensor, target: int) -> np.nda
     return (cam / cam.max().clamp_min(1e-12)).numpy()
 
 
+@pytest.mark.slow  # no Ray, but it first trains the object detector (~60 s on 2 cores)
 @pytest.mark.timeout(300)
 def test_gradcam_finds_pasted_object_and_matches_hand_written(resnet18_weights, weights_dir,
                                                               tmp_path):
