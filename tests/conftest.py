@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/: `import helpers`
 
 from helpers import make_calibrated_state_dict  # noqa: E402
 

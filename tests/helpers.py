@@ -1,15 +1,33 @@
-"""Test helpers: realistic test weights and the independent eager-torchvision reference."""
+"""Test helpers: the config builder, realistic test weights, the independent eager-torchvision
+reference, and the job's stages run in this process without Ray (`run_stages`)."""
 
 from __future__ import annotations
 
 import os
+import pickle
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
 import torch
 from PIL import Image
 from torchvision.models import get_model_builder, get_model_weights
 
 from resnet_features.core.samples import PHOTO_NAMES, load_photo
+
+#: The repository root (tests/..).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_cfg(*argv: str, run_id: str | None = None):
+    """An ExtractConfig from command-line words, through the real parser (`run_id`: appends
+    `--run-id`)."""
+    from resnet_features.core.config import config_from_args, get_args_parser
+
+    words = [*argv, *(("--run-id", run_id) if run_id is not None else ())]
+    return config_from_args(get_args_parser().parse_args(words))
 
 
 def photo_batch(transform, n: int = 16) -> torch.Tensor:
@@ -68,13 +86,23 @@ def make_calibrated_state_dict(model_name: str, path: str, seed: int = 0) -> str
 
 def reference_outputs(model_name: str, state_dict_path: str, image_paths: list[str],
                       weights_entry: str = "DEFAULT", top_k: int = 5):
-    """Eager torchvision on PIL images with weights.transforms(): embeddings, top-k ids, probs.
+    """Eager torchvision on image files with weights.transforms(): embeddings, top-k ids, probs.
 
-    Independent of the job's code: torchvision's own transform pipeline, its own model forward
-    with a hook on avgpool for the embedding.
+    Independent of the job's code: Pillow's decode, torchvision's own transform pipeline, its
+    own model forward with a hook on avgpool for the embedding.
     """
-    entry = get_model_weights(model_name)[weights_entry]
-    transform = entry.transforms()
+    images = []
+    for p in image_paths:
+        with Image.open(p) as im:
+            images.append(im.convert("RGB"))
+    return reference_from_images(model_name, state_dict_path, images, weights_entry, top_k)
+
+
+def reference_from_images(model_name: str, state_dict_path: str, images: list[Image.Image],
+                          weights_entry: str = "DEFAULT", top_k: int = 5):
+    """Eager torchvision (weights.transforms() + the model) on given pictures: embeddings
+    (N, D), top-k ids (N, k) and their probabilities (N, k)."""
+    transform = get_model_weights(model_name)[weights_entry].transforms()
     model = get_model_builder(model_name)(weights=None)
     model.load_state_dict(torch.load(state_dict_path, weights_only=True))
     model.eval()
@@ -82,11 +110,8 @@ def reference_outputs(model_name: str, state_dict_path: str, image_paths: list[s
     model.avgpool.register_forward_hook(lambda m, i, o: pooled.__setitem__("x", o))
     embs, ids, probs = [], [], []
     with torch.no_grad():
-        for p in image_paths:
-            with Image.open(p) as im:
-                x = transform(im.convert("RGB")).unsqueeze(0)
-            logits = model(x)
-            pr = torch.softmax(logits, 1)
+        for im in images:
+            pr = torch.softmax(model(transform(im.convert("RGB")).unsqueeze(0)), 1)
             s, i = torch.topk(pr, top_k, 1)
             embs.append(torch.flatten(pooled["x"], 1)[0].numpy())
             ids.append(i[0].numpy())
@@ -126,3 +151,78 @@ def publish_table(output: str, run_id: str, pieces: list, summary: dict) -> str:
     layout.stage_manifest(dict(summary), identity, success=True)
     layout.publish()
     return output
+
+
+@dataclass
+class StageRun:
+    """What `run_stages` produced: the listing, the output units, the writer's counts, and the
+    rows and error rows it wrote (both sorted by uri)."""
+
+    listing: Any
+    units: tuple
+    stats: Any
+    rows: pa.Table
+    errors: pa.Table
+    output: str
+
+
+def run_stages(cfg, output: str, *, runner_cls=None, after_listing=None) -> StageRun:
+    """The job's stages in this process, without Ray, composed as extract/pipeline.py composes
+    them: list_inputs -> listing_blocks -> ReadBytes -> Decode -> ModelRunner -> PartWriter,
+    into `output` (a local folder: part files, `_errors/`, side files).
+
+    The numerics of the job live in these stages; Ray only moves batches between them (one Ray
+    job per concern proves that, e.g. test_reference's job-equals-stages test). The units,
+    model spec go through pickle as they would to Ray workers. `runner_cls`: a ModelRunner
+    subclass (as `pipeline.run(runner_cls=...)`); `after_listing()`: called between listing and
+    reading (e.g. to delete a listed file).
+    """
+    from resnet_features.core.models import resolve_model
+    from resnet_features.extract.decode import Decode, DecodeOptions
+    from resnet_features.extract.inference import InferenceOptions, ModelRunner
+    from resnet_features.extract.inputs import InputSpec, ReadBytes, list_inputs, listing_blocks
+    from resnet_features.extract.outputs import build_outputs
+    from resnet_features.extract.writer import PartWriter, auto_rows_per_file
+
+    spec, state = resolve_model(cfg.model, cfg.weights, preprocess_from=cfg.preprocess_from,
+                                storage_options=cfg.storage_options,
+                                weights_sha256=cfg.weights_sha256)
+    units = build_outputs(cfg, spec)
+    listing = list_inputs(cfg.input, InputSpec(
+        format=cfg.input_format, image_column=cfg.image_column, id_column=cfg.id_column,
+        uri_column=cfg.uri_column, keep_columns=cfg.keep_columns), cfg.storage_options)
+    if after_listing is not None:
+        after_listing()
+    shipped_spec, shipped_units = pickle.loads(pickle.dumps((spec, units)))
+    read = ReadBytes(cfg.storage_options, input_format=listing.format,
+                     image_column=cfg.image_column)
+    decode = Decode(shipped_spec.preprocessing, DecodeOptions(
+        max_image_pixels=cfg.max_image_pixels or DecodeOptions().max_image_pixels,
+        max_image_bytes=cfg.max_image_bytes, draft_factor=cfg.draft_factor,
+        backend=cfg.decode_backend))
+    runner = (runner_cls or ModelRunner)(shipped_spec, state,
+                                         InferenceOptions(precision=cfg.precision),
+                                         shipped_units)
+    writer = PartWriter(output, units=units, listing=listing.table,
+                        rows_per_file=cfg.rows_per_file or auto_rows_per_file(units),
+                        file_metadata={"model": spec.name}, extra=listing.extra)
+    batch_size = cfg.batch_size or 32
+    for block in listing_blocks(listing, 8):
+        batch = read({k: block.column(k).to_numpy(zero_copy_only=False)
+                      for k in block.column_names})
+        for start in range(0, len(batch["uri"]), cfg.decode_batch_size):
+            decoded = decode({k: v[start:start + cfg.decode_batch_size]
+                              for k, v in batch.items()})
+            for b in range(0, len(decoded["uri"]), batch_size):
+                writer.add(runner({k: v[b:b + batch_size] for k, v in decoded.items()}))
+    assert not writer.missing_indices(), writer.missing_indices()
+    writer.close()
+    rows = pads.dataset(output, format="parquet", exclude_invalid_files=True,
+                        ignore_prefixes=["_", "."]).to_table()
+    errors_dir = os.path.join(output, "_errors")
+    errors = (pads.dataset(errors_dir, format="parquet").to_table()
+              if os.path.isdir(errors_dir) and os.listdir(errors_dir) else None)
+    return StageRun(listing=listing, units=units, stats=writer.stats,
+                    rows=rows.sort_by("uri"),
+                    errors=errors.sort_by("uri") if errors is not None else None,
+                    output=output)

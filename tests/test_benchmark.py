@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
+from helpers import ROOT
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import run as bench  # noqa: E402
 
@@ -30,6 +32,8 @@ def test_corpus_and_decode_section(tmp_path):
         assert all(v > 0 for v in out[kind]["images_per_cpu_s"].values())
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_gpu_node_harness_on_cpu(tmp_path):
     """benchmarks/gpu_node.py's node run, tiny and on the CPU (where "nvJPEG" is libjpeg): every
     image comes back through decode processes + deferred decode + model, and both decode paths
@@ -37,9 +41,8 @@ def test_gpu_node_harness_on_cpu(tmp_path):
     import json
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(__file__))
     out = tmp_path / "gpu.json"
-    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_node.py"), "--smoke",
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_node.py"), "--smoke",
                     "--skip-model", "--node-model", "resnet18", "--configs", "1:0.5,1:0:nomodel",
                     "--workdir", str(tmp_path), "--json", str(out)], check=True, timeout=600,
                    capture_output=True)

@@ -12,19 +12,17 @@ import sys
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
+from helpers import ROOT, make_cfg
 from raycluster import cluster_env, ray_head
 
 from resnet_features import cli
 from resnet_features.core.config import (
     ExtractConfig,
     config_default,
-    config_from_args,
     flag_of,
-    get_args_parser,
 )
 from resnet_features.core.errors import DeviceError, InputError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRACT = os.path.join(ROOT, "jobs", "extract.py")
 
 
@@ -51,8 +49,7 @@ def test_help_documents_every_flag():
 
 def test_parser_defaults_are_the_config_defaults():
     """One source: the parser's defaults, through the same parsing, give the dataclass's."""
-    cfg = config_from_args(get_args_parser().parse_args(
-        ["--input", "i", "--output", "o", "--run-id", "default"]))
+    cfg = make_cfg("--input", "i", "--output", "o", "--run-id", "default")
     for f in dataclasses.fields(ExtractConfig):
         if f.name not in ("input", "output"):
             assert getattr(cfg, f.name) == config_default(f.name), f.name
@@ -63,10 +60,9 @@ def test_parser_defaults_are_the_config_defaults():
 
 
 def test_flags_parse_into_the_stored_values():
-    cfg = config_from_args(get_args_parser().parse_args(
-        ["--input", "i", "--output", "s3://b/o", "--task", "classify,explain", "--layers",
-         "layer3,layer1", "--keep-columns", "a, b", "--storage-options", '{"anon": true}',
-         "--retry-errors", "r1", "--input-format", "parquet"]))
+    cfg = make_cfg("--input", "i", "--output", "s3://b/o", "--task", "classify,explain",
+                   "--layers", "layer3,layer1", "--keep-columns", "a, b", "--storage-options",
+                   '{"anon": true}', "--retry-errors", "r1", "--input-format", "parquet")
     assert (cfg.task, cfg.explain, cfg.layers) == ("classify", True, ("layer1", "layer3"))
     assert cfg.keep_columns == ("a", "b") and cfg.storage_options == {"anon": True}
     assert cfg.input == os.path.abspath("i") and cfg.output == "s3://b/o"
@@ -176,6 +172,7 @@ def test_wrong_state_dict_is_refused(tmp_path, few_photos, resnet18_weights):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_ray_job_submit_runs_the_job_on_a_cluster(tmp_path, few_photos, resnet18_weights):
     out = tmp_path / "out"
     env = cluster_env()
@@ -206,8 +203,8 @@ def test_device_cuda_without_gpus_fails_before_any_work(monkeypatch, tmp_path):
         raise AssertionError("work started before the device check")
 
     monkeypatch.setattr(pipeline, "resolve_model", no_work)
-    cfg = config_from_args(get_args_parser().parse_args(
-        ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--device", "cuda"]))
+    cfg = make_cfg("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                   "--device", "cuda")
     with pytest.raises(DeviceError, match="0 GPUs"):
         pipeline.run(cfg)
     assert not (tmp_path / "out").exists()

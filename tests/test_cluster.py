@@ -9,8 +9,7 @@ import re
 import jsonschema
 import pytest
 import yaml
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 def _load(name: str):

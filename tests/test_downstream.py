@@ -1,5 +1,8 @@
 """Downstream tools on the job's own output: k-NN retrieval, FAISS, linear probe, --head, --layers.
 
+One Ray job extracts the image set (the output the tools read); the --head/--layers extraction
+runs on the job's stages without Ray (`helpers.run_stages`), where its numbers are made.
+
 The image set is built from real photographs: each source photo is a class, and its copies
 are augmented (crop, flip, JPEG re-encode, colour jitter). Features come from BN-calibrated
 test weights (no pretrained download), so augmentations are kept moderate: with random conv
@@ -18,17 +21,14 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import cosine, publish_table
+from helpers import cosine, make_cfg, publish_table, run_stages
 from PIL import Image, ImageEnhance, ImageOps
 from torchvision.models import get_model_builder, get_model_weights
 
-from resnet_features.core.config import config_from_args, get_args_parser
 from resnet_features.core.samples import load_photo
-from resnet_features.extract.pipeline import run
+from resnet_features.extract.outputs import units_metadata
 from resnet_features.runs.catalog import load_features
 from resnet_features.tools import probe, search
-
-pytestmark = pytest.mark.slow
 
 SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
            "immunohistochemistry", "retina", "camera", "coins", "brick", "clock")
@@ -81,12 +81,6 @@ def make_augmented_set(root: str, seed: int = 1) -> str:
 RUN = "run=t"  # every extraction here uses --run-id t: its files land in OUTPUT/run=t/
 
 
-def extract(*argv: str):
-    result = run(config_from_args(get_args_parser().parse_args([*argv, "--run-id", "t"])))
-    assert result.exit_code == 0, result.reason
-    return result
-
-
 def _split_output(output: str, dest: str, keep) -> str:
     """An output holding only the rows whose uri satisfies `keep`, as one finished run with the
     source run's summary."""
@@ -107,8 +101,12 @@ def augmented(tmp_path_factory, resnet18_weights, ray_local):
     root = str(tmp_path_factory.mktemp("augmented"))
     images = make_augmented_set(os.path.join(root, "images"))
     out = os.path.join(root, "out")
-    extract("--input", images, "--output", out, "--model", "resnet18",
-            "--weights", resnet18_weights, "--task", "embed", "--rows-per-file", "40")
+    from resnet_features.extract.pipeline import run
+
+    result = run(make_cfg("--input", images, "--output", out, "--model", "resnet18",
+                          "--weights", resnet18_weights, "--task", "embed",
+                          "--rows-per-file", "40", run_id="t"))
+    assert result.exit_code == 0, result.reason
     return {"images": images, "weights": resnet18_weights, "out": out,
             "out_sources": _split_output(out, os.path.join(root, "sources"), _is_source),
             "out_copies": _split_output(out, os.path.join(root, "copies"),
@@ -119,11 +117,15 @@ def _class_of(uri: str) -> str:
     return os.path.basename(os.path.dirname(uri))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_default_schema_unchanged(augmented):
     names = pads.dataset(augmented["out"], format="parquet").schema.names
     assert names == ["uri", "embedding", "width", "height"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_each_copy_finds_its_source(augmented, tmp_path):
     """CLI: copies (from their output) as queries against the sources' output."""
     out = str(tmp_path / "nn.parquet")
@@ -144,6 +146,8 @@ def test_each_copy_finds_its_source(augmented, tmp_path):
         assert rows[0]["score"] >= rows[1]["score"] >= rows[2]["score"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_image_queries_exact_and_faiss_agree(augmented, tmp_path):
     """Query *images* (embedded from the summary's model/preprocessing) against the copies."""
     results = {}
@@ -208,10 +212,12 @@ def test_faiss_agrees_with_exact_on_clustered_data(tmp_path):
     assert (approx.uris[:, 0] == exact.uris[:, 0]).mean() >= 0.95
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_linear_probe_then_head_and_layers_in_extract(augmented, tmp_path):
     """Classes = source photos (folder names); the probe beats chance by far, and
-    `extract --head` reproduces its validation accuracy in the same pass as `--layers`,
-    whose pooled stage outputs equal forward hooks on eager torchvision."""
+    `extract --head` (the job's stages, no Ray) reproduces its validation accuracy in the same
+    pass as `--layers`, whose pooled stage outputs equal forward hooks on eager torchvision."""
     probe_dir = str(tmp_path / "probe")
     assert probe.main(["--input", augmented["out"], "--out", probe_dir]) == 0
     metrics = json.load(open(os.path.join(probe_dir, "metrics.json")))
@@ -227,18 +233,19 @@ def test_linear_probe_then_head_and_layers_in_extract(augmented, tmp_path):
     with Image.open(os.path.join(probe_dir, "confusion.png")) as im:
         assert im.format == "PNG" and im.width > 100
 
-    out = str(tmp_path / "with_head")
-    extract("--input", augmented["images"], "--output", out, "--model", "resnet18",
-            "--weights", augmented["weights"], "--task", "embed",
-            "--head", os.path.join(probe_dir, "head.pt"), "--layers", "layer3,layer1")
-    table = pads.dataset(out, format="parquet").to_table().sort_by("uri")
+    stages = run_stages(make_cfg(
+        "--input", augmented["images"], "--output", "unused", "--model", "resnet18",
+        "--weights", augmented["weights"], "--task", "embed",
+        "--head", os.path.join(probe_dir, "head.pt"), "--layers", "layer3,layer1"),
+        str(tmp_path / "with_head"))
+    table = stages.rows
     assert table.schema.names == ["uri", "embedding", "layer1", "layer3", "head_label",
                                   "head_score", "width", "height"]
     predicted = dict(zip(table.column("uri").to_pylist(), table.column("head_label").to_pylist()))
     acc = np.mean([predicted[u] == lab
                    for u, lab in zip(metrics["val_uris"], metrics["val_labels"])])
     assert acc == pytest.approx(metrics["val_accuracy"])
-    summary = json.load(open(os.path.join(out, RUN, "_SUCCESS")))
+    summary = units_metadata(stages.units)  # the summary's entries of the units
     assert summary["head"]["classes"] == metrics["classes"]
     assert summary["layers"] == {"layer1": 64, "layer3": 256}
 
@@ -263,6 +270,8 @@ def test_linear_probe_then_head_and_layers_in_extract(augmented, tmp_path):
         assert cosine(got, torch.cat(grabbed[name]).numpy()).min() > 0.999, name
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_head_from_other_model_is_refused(augmented, tmp_path):
     """A head fits one embedding space: a resnet34 head on a resnet18 run is a usage error."""
     head = probe.Head(512, 2)

@@ -1,22 +1,20 @@
 """Grad-CAM (--task explain): the heatmap points at a pasted object, and matches a hand-written
-Grad-CAM (forward/backward hooks on eager torchvision) on the job's own output."""
+Grad-CAM (forward/backward hooks on eager torchvision) on the output of the job's stages (run
+without Ray: `helpers.run_stages`; the units travel through pickle as they do to Ray workers)."""
 
 from __future__ import annotations
 
 import os
 
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
 import torch
+from helpers import make_cfg, run_stages
 from PIL import Image
 from torchvision.models import get_model_builder, get_model_weights
 
-from resnet_features.core.config import config_from_args, get_args_parser
-from resnet_features.extract.pipeline import run
+from resnet_features.extract.outputs import units_metadata
 from resnet_features.tools.explain_scenes import OBJECT_SIZE, SCENE_SIZE, fit_object_head, pasted
-
-pytestmark = pytest.mark.slow
 
 SIZE, OBJ, CROP_OFFSET = SCENE_SIZE, OBJECT_SIZE, 16  # resize is a no-op, crop starts at 16
 
@@ -54,8 +52,13 @@ def hand_gradcam(model: torch.nn.Module, x: torch.Tensor, target: int) -> np.nda
     return (cam / cam.max().clamp_min(1e-12)).numpy()
 
 
+@pytest.mark.slow  # no Ray, but it first trains the object detector (~60 s on 2 cores)
+@pytest.mark.timeout(300)
 def test_gradcam_finds_pasted_object_and_matches_hand_written(resnet18_weights, weights_dir,
-                                                              ray_local, tmp_path):
+                                                              tmp_path):
+    """--task classify,explain --explain-png through ReadBytes/Decode/ModelRunner/PartWriter:
+    the map's peak lies on the pasted object, the map equals a hand-written Grad-CAM, and the
+    PNG overlay is reddest at the peak."""
     weights = make_pasted_object_weights(resnet18_weights,
                                          os.path.join(weights_dir, "resnet18_pasted.pth"))
     folder = tmp_path / "images"
@@ -69,14 +72,15 @@ def test_gradcam_finds_pasted_object_and_matches_hand_written(resnet18_weights, 
         pasted(x, y, bg).save(folder / f"{name}.png")
     pasted(-1, -1, (128, 128, 128)).save(folder / "plain.png")  # no object: class 0
     out = str(tmp_path / "out")
-    result = run(config_from_args(get_args_parser().parse_args(
-        ["--input", str(folder), "--output", out, "--model", "resnet18", "--weights", weights,
-         "--task", "classify,explain", "--top-k", "2", "--explain-png", "--run-id", "t"])))
-    assert result.exit_code == 0, result.reason
-    table = pads.dataset(out, format="parquet").to_table().sort_by("uri")
+    stages = run_stages(make_cfg(
+        "--input", str(folder), "--output", "unused", "--model", "resnet18", "--weights", weights,
+        "--task", "classify,explain", "--top-k", "2", "--explain-png"), out)
+    assert stages.errors is None
+    table = stages.rows
+    assert table.num_rows == 6
     assert table.schema.field("explain_map").type.list_size == 49
     assert str(table.schema.field("explain_map").type.value_type) == "halffloat"
-    assert result.summary["explain"]["method"] == "gradcam"
+    assert units_metadata(stages.units)["explain"]["method"] == "gradcam"
 
     model = get_model_builder("resnet18")(weights=None)
     model.load_state_dict(torch.load(weights, weights_only=True))
@@ -104,7 +108,7 @@ def test_gradcam_finds_pasted_object_and_matches_hand_written(resnet18_weights, 
 
         # --explain-png: the overlay is the 224 crop, reddest where the map peaks
         # explain_png is relative to the run's folder
-        with Image.open(os.path.join(out, "run=t", row["explain_png"])) as im:
+        with Image.open(os.path.join(out, row["explain_png"])) as im:
             overlay = np.asarray(im.convert("RGB"), dtype=np.float32)
         assert overlay.shape == (224, 224, 3)
         redness = overlay[..., 0] - overlay[..., 1:].mean(-1)

@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import pytest
+from helpers import make_cfg
 from PIL import Image
 from torchvision.models import ResNet50_Weights
 from torchvision.transforms import functional as F
@@ -158,10 +159,7 @@ def test_gpu_share_and_exif_rotated_jpegs():
 
 def cfg(*argv):
     """The job's config from extra CLI flags (input and output given)."""
-    from resnet_features.core.config import config_from_args, get_args_parser
-
-    return config_from_args(get_args_parser().parse_args(["--input", "i", "--output", "o",
-                                                          *argv]))
+    return make_cfg("--input", "i", "--output", "o", *argv)
 
 
 def test_speed_flags_are_validated():

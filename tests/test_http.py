@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import os
 import shutil
 import tarfile
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-import pyarrow.parquet as pq
 import pytest
+from helpers import make_cfg, run_stages
 
-from resnet_features.core.config import config_from_args, get_args_parser
 from resnet_features.extract.inputs import InputError, ReadBytes, list_inputs
-from resnet_features.extract.pipeline import run
 
 
 class _Quiet(SimpleHTTPRequestHandler):
@@ -92,22 +89,16 @@ def test_tar_on_a_server_without_ranges_is_refused(site):
         list_inputs(f"{base}/shard.tar")
 
 
-@pytest.mark.slow
-def test_job_on_http_manifest(site, tmp_path, resnet18_weights, ray_local):
-    """The whole job, Ray workers included, on the http manifest: every image's row, and the
-    missing URL as a read error row."""
+@pytest.mark.timeout(300)
+def test_stages_on_http_manifest(site, tmp_path, resnet18_weights):
+    """The job's stages (listing, fetch, decode, model, writer; no Ray) on the http manifest:
+    every image's row, and the missing URL as a read error row."""
     base, names, _ = site
-    out = tmp_path / "out"
-    cfg = config_from_args(get_args_parser().parse_args(
-        ["--input", f"{base}/list.txt", "--output", str(out), "--model", "resnet18",
-         "--weights", resnet18_weights, "--task", "embed", "--run-id", "t",
-         "--max-error-rate", "0.5"]))
-    result = run(cfg)
-    assert result.exit_code == 0, result.reason
-    summary = json.loads((out / "run=t" / "_SUCCESS").read_text())
-    assert (summary["inputs"], summary["succeeded"], summary["failed"]) == (len(names) + 1,
-                                                                           len(names), 1)
-    rows = pq.read_table(out / "run=t" / "part-00000.parquet")
-    assert sorted(rows.column("uri").to_pylist()) == sorted(f"{base}/photos/{n}" for n in names)
-    errors = pq.read_table(out / "run=t" / "_errors" / "part-00000.parquet").to_pylist()
+    stages = run_stages(make_cfg("--input", f"{base}/list.txt", "--output", "unused",
+                                 "--model", "resnet18", "--weights", resnet18_weights,
+                                 "--task", "embed", "--max-error-rate", "0.5"),
+                        str(tmp_path / "out"))
+    assert (stages.stats.succeeded, stages.stats.failed) == (len(names), 1)
+    assert stages.rows.column("uri").to_pylist() == sorted(f"{base}/photos/{n}" for n in names)
+    errors = stages.errors.to_pylist()
     assert [(e["uri"], e["stage"]) for e in errors] == [(f"{base}/photos/missing.jpg", "read")]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import re
 import subprocess
 import sys
@@ -11,14 +10,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from resnet_features.core.samples import PHOTO_NAMES, load_photo
 from resnet_features.extract.image_ops import decode_jpeg_rgb, resize
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _jpeg(arr: np.ndarray, **kw) -> torch.Tensor:

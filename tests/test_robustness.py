@@ -1,8 +1,11 @@
-"""Hostile and unusual inputs through the real job: every input ends as a row or an error row.
+"""Hostile and unusual inputs through the job: every input ends as a row or an error row.
 
 The corpus is generated here: broken files (each with the stage it must fail in), valid but
 unusual images (each with a reference picture built independently of the job's decoder, run
-through eager torchvision), a decompression bomb and an object deleted after listing.
+through eager torchvision), a decompression bomb and an object deleted after listing. What each
+file gives (its error row and stage, or its numbers) is checked on the job's stages without Ray
+(`helpers.run_stages`); one Ray job over the corpus proves the counts, the failure budget and
+that the job writes what the stages compute; one proves a device fault fails the run.
 """
 
 from __future__ import annotations
@@ -16,16 +19,15 @@ import subprocess
 import sys
 import zlib
 
+import helpers
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
 import ray.cloudpickle
 import torch
-from helpers import cosine
+from helpers import ROOT, cosine, make_cfg, run_stages
 from PIL import Image
-from torchvision.models import get_model_builder, get_model_weights
 
-from resnet_features.core.config import config_from_args, get_args_parser
 from resnet_features.core.errors import ConfigError
 from resnet_features.core.models import resolve_model
 from resnet_features.core.samples import load_photo
@@ -41,8 +43,6 @@ from resnet_features.extract.outputs import for_task
 
 # Ray workers cannot import this test module: ship its runner classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: --max-image-bytes for the corpus runs: the bomb file fits, "oversize.png" does not.
 MAX_IMAGE_BYTES = 6_000_000
@@ -229,58 +229,64 @@ def corpus(tmp_path_factory):
 
 
 def reference_from_images(model_name: str, weights: str, images: list[Image.Image]):
-    """Eager torchvision (weights.transforms() + the model) on given RGB pictures."""
-    transform = get_model_weights(model_name).DEFAULT.transforms()
-    model = get_model_builder(model_name)(weights=None)
-    model.load_state_dict(torch.load(weights, weights_only=True))
-    model.eval()
-    pooled = {}
-    model.avgpool.register_forward_hook(lambda m, i, o: pooled.__setitem__("x", o))
-    embs, top1, p1 = [], [], []
-    with torch.no_grad():
-        for im in images:
-            probs = torch.softmax(model(transform(im).unsqueeze(0)), 1)[0]
-            embs.append(torch.flatten(pooled["x"], 1)[0].numpy())
-            top1.append(int(probs.argmax()))
-            p1.append(float(probs.max()))
-    return np.stack(embs), np.array(top1), np.array(p1)
+    """Eager torchvision on given RGB pictures: embeddings, top-1 ids, top-1 probabilities."""
+    emb, ids, probs = helpers.reference_from_images(model_name, weights, images)
+    return emb, ids[:, 0], probs[:, 0]
 
 
 RUN = "run=t"  # every run here uses --run-id t: its files land in OUTPUT/run=t/
 
 
-def make_cfg(*argv: str):
-    return config_from_args(get_args_parser().parse_args([*argv, "--run-id", "t"]))
+def corpus_args(folder: str, out: str, weights: str, max_error_rate: str) -> list[str]:
+    return ["--input", folder, "--output", out, "--model", "resnet18", "--weights", weights,
+            "--max-error-rate", max_error_rate, "--max-image-bytes", str(MAX_IMAGE_BYTES),
+            "--rows-per-file", "16", "--batch-size", "8"]
 
 
-def _run_corpus(folder: str, out: str, weights: str, max_error_rate: str, monkeypatch):
-    """The real job over the corpus; MISSING is deleted right after the driver lists it."""
+def _missing_listed_then_deleted(folder: str):
+    """(before, after): write MISSING so that the listing sees it, then delete it so that
+    reading it fails."""
     missing = os.path.join(folder, MISSING)
     content = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
 
-    def list_then_delete(uri, spec=None, storage_options=None):
+    def before():
         with open(missing, "wb") as f:
             f.write(content)
-        listing = list_inputs(uri, spec, storage_options)
-        os.remove(missing)
-        return listing
 
-    monkeypatch.setattr(pipeline, "list_inputs", list_then_delete)
-    return pipeline.run(make_cfg(
-        "--input", folder, "--output", out, "--model", "resnet18", "--weights", weights,
-        "--max-error-rate", max_error_rate, "--max-image-bytes", str(MAX_IMAGE_BYTES),
-        "--rows-per-file", "16", "--batch-size", "8"))
+    def after():
+        os.remove(missing)
+    return before, after
 
 
 @pytest.fixture(scope="module")
-def corpus_runs(corpus, resnet18_weights, ray_local, tmp_path_factory):
+def corpus_stages(corpus, resnet18_weights, tmp_path_factory):
+    """The corpus through the job's stages, without Ray; MISSING is deleted after listing."""
     folder, _, _ = corpus
-    results = {}
+    before, after = _missing_listed_then_deleted(folder)
+    before()
+    return run_stages(make_cfg(*corpus_args(folder, "unused", resnet18_weights, "0.5")),
+                      str(tmp_path_factory.mktemp("stages")), after_listing=after)
+
+
+@pytest.fixture(scope="module")
+def corpus_job(corpus, resnet18_weights, ray_local, tmp_path_factory):
+    """The real Ray job over the corpus with a 1% failure budget (exceeded); MISSING is
+    deleted right after the driver lists it."""
+    folder, _, _ = corpus
+    before, after = _missing_listed_then_deleted(folder)
+    out = str(tmp_path_factory.mktemp("out") / "rate-0.01")
+
+    def list_then_delete(uri, spec=None, storage_options=None):
+        before()
+        listing = list_inputs(uri, spec, storage_options)
+        after()
+        return listing
+
     with pytest.MonkeyPatch.context() as mp:
-        for rate in ("0.5", "0.01"):
-            out = str(tmp_path_factory.mktemp("out") / f"rate-{rate}")
-            results[rate] = (out, _run_corpus(folder, out, resnet18_weights, rate, mp))
-    return results
+        mp.setattr(pipeline, "list_inputs", list_then_delete)
+        result = pipeline.run(make_cfg(*corpus_args(folder, out, resnet18_weights, "0.01"),
+                                       run_id="t"))
+    return out, result
 
 
 def read_rows(out: str):
@@ -295,12 +301,14 @@ def read_errors(out: str):
 
 
 @pytest.mark.slow
-def test_corpus_run_finishes_and_counts_add_up(corpus, corpus_runs):
+@pytest.mark.timeout(600)
+def test_corpus_job_counts_add_up(corpus, corpus_job):
+    """The Ray job over the corpus: every input is a row or an error row, and the summary's
+    counts (per stage, skipped, lost) add up."""
     folder, bad, valid = corpus
     assert len(bad) + len(valid) >= 25
-    out, result = corpus_runs["0.5"]
-    assert result.exit_code == 0, result.reason
-    s = json.load(open(os.path.join(out, RUN, "_SUCCESS")))
+    out, _ = corpus_job
+    s = json.load(open(os.path.join(out, RUN, "_summary.json")))
     assert s["inputs"] == len(bad) + len(valid)
     assert s["succeeded"] == len(valid) and s["failed"] == len(bad)
     assert s["succeeded"] + s["failed"] == s["inputs"] and s["lost"] == 0
@@ -311,11 +319,12 @@ def test_corpus_run_finishes_and_counts_add_up(corpus, corpus_runs):
     assert sorted(uris) == sorted(os.path.join(folder, n) for n in list(bad) + list(valid))
 
 
-@pytest.mark.slow
-def test_each_bad_file_is_an_error_row_with_its_stage(corpus, corpus_runs):
-    folder, bad, _ = corpus
-    out, _ = corpus_runs["0.5"]
-    errors = {r["uri"]: r for r in read_errors(out).to_pylist()}
+@pytest.mark.timeout(300)
+def test_each_bad_file_is_an_error_row_with_its_stage(corpus, corpus_stages):
+    folder, bad, valid = corpus
+    assert corpus_stages.listing.skipped_non_image == 1
+    assert (corpus_stages.stats.succeeded, corpus_stages.stats.failed) == (len(valid), len(bad))
+    errors = {r["uri"]: r for r in corpus_stages.errors.to_pylist()}
     assert set(errors) == {os.path.join(folder, n) for n in bad}
     for name, (content, stage, expected) in bad.items():
         row = errors[os.path.join(folder, name)]
@@ -328,11 +337,10 @@ def test_each_bad_file_is_an_error_row_with_its_stage(corpus, corpus_runs):
             assert row["size_bytes"] == len(content), name
 
 
-@pytest.mark.slow
-def test_each_valid_unusual_file_matches_torchvision(corpus, corpus_runs, resnet18_weights):
+@pytest.mark.timeout(300)
+def test_each_valid_unusual_file_matches_torchvision(corpus, corpus_stages, resnet18_weights):
     folder, _, valid = corpus
-    out, _ = corpus_runs["0.5"]
-    rows = {r["uri"]: r for r in read_rows(out).to_pylist()}
+    rows = {r["uri"]: r for r in corpus_stages.rows.to_pylist()}
     names = sorted(valid)
     got = [rows[os.path.join(folder, n)] for n in names]
     for name, row in zip(names, got):  # size after EXIF orientation, before resizing
@@ -348,13 +356,12 @@ def test_each_valid_unusual_file_matches_torchvision(corpus, corpus_runs, resnet
     np.testing.assert_allclose([r["topk_scores"][0] for r in got], ref_p1, atol=0.02)
 
 
-@pytest.mark.slow
-def test_alpha_is_composited_on_white_and_frames_are_the_first(corpus, corpus_runs,
+@pytest.mark.timeout(300)
+def test_alpha_is_composited_on_white_and_frames_are_the_first(corpus, corpus_stages,
                                                                resnet18_weights):
     """The documented choices, checked against the alternatives (black, the second frame)."""
     folder, _, valid = corpus
-    out, _ = corpus_runs["0.5"]
-    rows = {r["uri"]: r for r in read_rows(out).to_pylist()}
+    rows = {r["uri"]: r for r in corpus_stages.rows.to_pylist()}
     coffee = load_photo("coffee")
     h, w = coffee.shape[:2]
     alpha = np.tile(np.linspace(0, 255, w), (h, 1))[..., None] / 255.0
@@ -369,18 +376,29 @@ def test_alpha_is_composited_on_white_and_frames_are_the_first(corpus, corpus_ru
 
 
 @pytest.mark.slow
-def test_over_the_error_budget_exits_nonzero_but_writes_everything(corpus, corpus_runs):
+@pytest.mark.timeout(600)
+def test_over_the_error_budget_exits_nonzero_but_writes_everything(corpus, corpus_job,
+                                                                   corpus_stages):
+    """Over --max-error-rate: exit 3 with a reason, no _SUCCESS, a failed summary, and still
+    every row and error row, equal to what the stages compute."""
     _, bad, valid = corpus
-    ok_out, _ = corpus_runs["0.5"]
-    out, result = corpus_runs["0.01"]
+    out, result = corpus_job
     assert result.exit_code == 3
     assert f"{len(bad)} of {len(bad) + len(valid)}" in result.reason
     assert "0.01" in result.reason
     assert not os.path.exists(os.path.join(out, RUN, "_SUCCESS"))
     s = json.load(open(os.path.join(out, RUN, "_summary.json")))
     assert s["status"] == "failed" and s["failed"] == len(bad) and s["succeeded"] == len(valid)
-    assert read_rows(out).sort_by("uri").equals(read_rows(ok_out).sort_by("uri"))
-    assert read_errors(out).sort_by("uri").equals(read_errors(ok_out).sort_by("uri"))
+    rows, expected = read_rows(out).sort_by("uri"), corpus_stages.rows
+    assert rows.column("uri").equals(expected.column("uri"))
+    for name in ("width", "height"):
+        assert rows.column(name).equals(expected.column(name))
+    np.testing.assert_allclose(np.stack(rows.column("embedding").to_numpy(zero_copy_only=False)),
+                               np.stack(expected.column("embedding").to_numpy(
+                                   zero_copy_only=False)), rtol=1e-4, atol=1e-5)
+    errors = read_errors(out).sort_by("uri")
+    for name in ("uri", "stage", "error_type", "message", "size_bytes"):
+        assert errors.column(name).equals(corpus_stages.errors.column(name)), name
 
 
 class _PoisonedRunner(ModelRunner):
@@ -399,22 +417,23 @@ class _PoisonedRunner(ModelRunner):
         return super().forward(images)
 
 
-@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_model_failure_on_one_image_errors_only_that_image(few_photos, resnet18_weights,
-                                                           ray_local, tmp_path):
+                                                           tmp_path):
+    """A model that fails on one image (in a batch of 8) errors only that image, in the infer
+    stage, with its size; every other image has its row (the job's stages, no Ray)."""
     names = sorted(os.listdir(few_photos))
     poison = names[2]
     runner = type("Poisoned", (_PoisonedRunner,), {"poison_uri": poison})
-    out = str(tmp_path / "out")
-    result = pipeline.run(make_cfg("--input", few_photos, "--output", out, "--model", "resnet18",
-                                   "--weights", resnet18_weights, "--batch-size", "8",
-                                   "--max-error-rate", "0.5"), runner_cls=runner)
-    assert result.exit_code == 0, result.reason
-    errors = read_errors(out).to_pylist()
+    stages = run_stages(make_cfg("--input", few_photos, "--output", "unused",
+                                 "--model", "resnet18", "--weights", resnet18_weights,
+                                 "--batch-size", "8", "--max-error-rate", "0.5"),
+                        str(tmp_path / "out"), runner_cls=runner)
+    errors = stages.errors.to_pylist()
     assert [(e["uri"], e["stage"], e["error_type"]) for e in errors] == [
         (os.path.join(few_photos, poison), "infer", "ValueError")]
     assert errors[0]["size_bytes"] == os.path.getsize(os.path.join(few_photos, poison))
-    rows = sorted(read_rows(out).column("uri").to_pylist())
+    rows = stages.rows.column("uri").to_pylist()
     assert rows == [os.path.join(few_photos, n) for n in names if n != poison]
 
 
@@ -424,13 +443,16 @@ class _OutOfMemoryRunner(ModelRunner):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_device_fault_fails_the_run_and_records_no_bad_images(few_photos, resnet18_weights,
                                                               ray_local, tmp_path):
+    """A device fault in the Ray model actors (retried, then raised) fails the whole run: no
+    _SUCCESS, no error rows blaming the images."""
     out = str(tmp_path / "out")
     with pytest.raises(Exception, match="OutOfMemoryError|out of memory"):
         pipeline.run(make_cfg("--input", few_photos, "--output", out, "--model", "resnet18",
-                              "--weights", resnet18_weights, "--max-error-rate", "1"),
-                     runner_cls=_OutOfMemoryRunner)
+                              "--weights", resnet18_weights, "--max-error-rate", "1",
+                              run_id="t"), runner_cls=_OutOfMemoryRunner)
     assert not os.path.exists(os.path.join(out, RUN, "_SUCCESS"))
     assert not glob.glob(os.path.join(out, "**", "_errors", "*.parquet"), recursive=True)
 
@@ -482,11 +504,9 @@ def test_decode_worker_memory_stays_bounded_on_the_bomb(tmp_path):
 
 
 def test_failure_budget_defaults_to_five_percent():
-    parser = get_args_parser()
-    assert make_cfg("--input", "in", "--output", "out").max_error_rate == 0.05
+    assert make_cfg("--input", "in", "--output", "out", run_id="t").max_error_rate == 0.05
     with pytest.raises(ConfigError, match="--max-error-rate must be within"):
-        config_from_args(parser.parse_args(["--input", "i", "--output", "o",
-                                            "--max-error-rate", "1.5"]))
+        make_cfg("--input", "i", "--output", "o", "--max-error-rate", "1.5")
 
 
 

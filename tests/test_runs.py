@@ -16,10 +16,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from helpers import cosine, reference_outputs
+from helpers import ROOT, cosine, make_cfg, reference_outputs
 from PIL import Image
 
-from resnet_features.core.config import config_from_args, get_args_parser
 from resnet_features.core.errors import ConfigError
 from resnet_features.core.samples import load_photo, write_samples
 from resnet_features.extract.inference import ModelRunner
@@ -29,12 +28,6 @@ from resnet_features.extract.writer import PartWriter
 from resnet_features.runs.catalog import load_features
 from resnet_features.runs.layout import LEDGER_DIR
 from resnet_features.runs.protocol import incremental_filter
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def make_cfg(*argv: str):
-    return config_from_args(get_args_parser().parse_args(list(argv)))
 
 
 def job_args(inp: str, out: str, weights: str, run_id: str, *extra: str) -> list[str]:
@@ -87,6 +80,7 @@ def test_incremental_filter_matches_set_logic():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_incremental_add_10_change_1(resnet18_weights, ray_local, tmp_path):
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
     write_small(inp, 30, seed=5)
@@ -125,6 +119,7 @@ def test_incremental_add_10_change_1(resnet18_weights, ray_local, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_retry_errors_processes_only_failed(resnet18_weights, ray_local, tmp_path):
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
     write_small(inp, 4, seed=7)
@@ -144,6 +139,7 @@ def test_retry_errors_processes_only_failed(resnet18_weights, ray_local, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_killed_model_actor_rows_exactly_once(resnet18_weights, ray_local, tmp_path):
     """A model actor process dies (os._exit) mid-run; Ray restarts it and retries its batch."""
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
@@ -209,6 +205,7 @@ def _job(args: list[str]) -> subprocess.Popen:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_sigkill_driver_then_rerun_exactly_once(resnet18_weights, tmp_path):
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
     paths = write_small(inp, 40, seed=9)
@@ -270,6 +267,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_s3_outage_during_write_then_rerun_exactly_once(resnet18_weights, ray_local, tmp_path,
                                                         monkeypatch):
     import threading
@@ -350,7 +348,7 @@ def test_nightly_wrapper_and_rayjob_manifest():
     today = time.strftime("%Y-%m-%d", time.gmtime())
     assert line[:8] == ["jobs/extract.py", "--input", "s3://in", "--output", "/out",
                         "--run-id", today, "--incremental"]
-    cfg = config_from_args(get_args_parser().parse_args(line[1:]))  # the flags parse
+    cfg = make_cfg(*line[1:])  # the flags parse
     assert cfg.incremental and cfg.run_id == today and cfg.model == "resnet18"
     with open(os.path.join(ROOT, "jobs", "rayjob-nightly.yaml")) as f:
         job = yaml.safe_load(f)
@@ -360,14 +358,13 @@ def test_nightly_wrapper_and_rayjob_manifest():
 
 
 def test_run_id_flags_validated():
-    parse = get_args_parser().parse_args
     base = ["--input", "a", "--output", "b"]
-    assert config_from_args(parse(base + ["--retry-errors", "x"])).run_id == "x-retry"
+    assert make_cfg(*base, "--retry-errors", "x").run_id == "x-retry"
     for bad in (["--run-id", "../x"], ["--run-id", "_hidden"],
                 ["--retry-errors", "r", "--run-id", "r"],
                 ["--retry-errors", "r", "--incremental"]):
         with pytest.raises(ConfigError):
-            config_from_args(parse(base + bad))
+            make_cfg(*base, *bad)
 
 
 # -- the commit protocol without Ray: uncommitted files, --overwrite, an interrupted publish -----

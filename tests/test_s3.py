@@ -2,7 +2,9 @@
 
 The same six photos are stored as plain objects, as tar shards (plain and gzipped), as Parquet
 (struct and binary layouts) and behind a CSV manifest; every format must give every image's row,
-the right summary counts, and the embeddings eager torchvision gives on the local files.
+the right counts, and the embeddings eager torchvision gives on the local files. The formats
+are checked on the job's stages without Ray (listing + fetch + decode + model + writer); one
+in-process Ray job (s3:// in and out) and one `ray job submit` prove the job around them.
 """
 
 from __future__ import annotations
@@ -24,14 +26,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import cosine, reference_outputs
+from helpers import ROOT, cosine, make_cfg, reference_outputs, run_stages
 from s3_server import SECRET_KEY, moto_s3
 
-from resnet_features.core.config import config_from_args, get_args_parser
 from resnet_features.extract.inputs import InputSpec, ReadBytes, list_inputs
-from resnet_features.extract.pipeline import run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 BUCKET = "data"
 
@@ -92,10 +91,6 @@ def dataset(s3, few_photos):
     return {"names": names, "local": [os.path.join(few_photos, n) for n in names]}
 
 
-def _cfg(*argv: str):
-    return config_from_args(get_args_parser().parse_args(list(argv)))
-
-
 def _read_output(fs, out: str):
     """The files of the output's one run (--run-id t), its rows, error tables and summary."""
     root = out.removeprefix("s3://") + "/run=t"
@@ -116,28 +111,52 @@ CASES = {
     "manifest": ("lists/manifest.csv", ["--keep-columns", "label"], 7, 1, 0),
 }
 
+#: The format of the one in-process Ray job on S3 (relative and absolute entries, a missing
+#: object, a carried column: the most the driver and the workers share).
+JOB_FORMAT = "manifest"
+
+
+def _format_args(s3, fmt: str, resnet18_weights: str, out: str) -> list[str]:
+    prefix, flags, *_rest = CASES[fmt]
+    return ["--input", f"s3://{BUCKET}/{prefix}", "--output", out,
+            "--model", "resnet18", "--weights", resnet18_weights,
+            "--rows-per-file", "4", "--overwrite",
+            # 1 bad input of 7 is over the default 5% failure budget
+            "--max-error-rate", "0.5", "--storage-options",
+            json.dumps(s3.storage_options()), *flags]
+
 
 @pytest.fixture(scope="module")
-def outputs(s3, dataset, resnet18_weights, ray_local):
-    """`outputs(fmt)`: run the job for that format once (cached), s3:// in and out, credentials
-    only in --storage-options; returns (files, rows, error tables, summary)."""
-    fs = s3.fs()
+def reference(dataset, resnet18_weights):
+    """Eager torchvision's embeddings of the six local photos."""
+    return reference_outputs("resnet18", resnet18_weights, dataset["local"])[0]
+
+
+@pytest.fixture(scope="module")
+def stage_outputs(s3, dataset, resnet18_weights, tmp_path_factory):
+    """`stage_outputs(fmt)`: that format's listing + fetch + decode + model + writer on the S3
+    server, in this process without Ray (cached); returns the StageRun."""
     results = {}
 
     def get(fmt: str):
         if fmt not in results:
-            prefix, flags, *_rest = CASES[fmt]
-            out = f"s3://{BUCKET}/out/{fmt}"
-            result = run(_cfg("--input", f"s3://{BUCKET}/{prefix}", "--output", out,
-                              "--model", "resnet18", "--weights", resnet18_weights,
-                              "--rows-per-file", "4", "--overwrite", "--run-id", "t",
-                              # 1 bad input of 7 is over the default 5% failure budget
-                              "--max-error-rate", "0.5", "--storage-options",
-                              json.dumps(s3.storage_options()), *flags))
-            assert result.exit_code == 0, result.reason
-            results[fmt] = _read_output(fs, out)
+            out = str(tmp_path_factory.mktemp(f"stages-{fmt}"))
+            results[fmt] = run_stages(make_cfg(*_format_args(s3, fmt, resnet18_weights, "x")),
+                                      out)
         return results[fmt]
     return get
+
+
+@pytest.fixture(scope="module")
+def job_output(s3, dataset, resnet18_weights, ray_local):
+    """The real Ray job on JOB_FORMAT, s3:// in and out, credentials only in
+    --storage-options; returns (files, rows, error tables, summary)."""
+    from resnet_features.extract.pipeline import run
+
+    out = f"s3://{BUCKET}/out/{JOB_FORMAT}"
+    result = run(make_cfg(*_format_args(s3, JOB_FORMAT, resnet18_weights, out), run_id="t"))
+    assert result.exit_code == 0, result.reason
+    return _read_output(s3.fs(), out)
 
 
 @pytest.fixture()
@@ -217,23 +236,10 @@ def _embeddings_by_photo(fmt: str, rows: pa.Table, names: list[str]) -> np.ndarr
     return np.stack([emb[n] for n in names])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fmt", list(CASES))
-def test_s3_job_each_format(fmt, outputs, dataset, resnet18_weights):
-    files, rows, errors, summary = outputs(fmt)
-    _prefix, _flags, inputs, failed, skipped = CASES[fmt]
-    names = dataset["names"]
-    assert summary["input_format"] == fmt
-    assert (summary["inputs"], summary["succeeded"], summary["failed"]) == (
-        inputs, inputs - failed, failed)
-    assert summary["skipped_non_image"] == skipped
-    assert summary["lost"] == 0 and summary["bytes_read"] > 0
-    assert summary["listing_seconds"] >= 0
-    assert rows.num_rows == 6 and rows.column("uri").to_pylist() == sorted(
-        rows.column("uri").to_pylist()) or fmt == "manifest"
-    parts = [f for f in files if f.startswith("part-")]
-    assert parts == [f"part-{i:05d}.parquet" for i in range(len(parts))]
-    assert "_summary.json" in files and "_SUCCESS" in files
+def _check_format(fmt: str, rows: pa.Table, errors: list[pa.Table], names: list[str]) -> None:
+    """The rows and error rows that format must give for the six photos."""
+    _prefix, _flags, _inputs, failed, _skipped = CASES[fmt]
+    assert rows.num_rows == 6
     assert sum(e.num_rows for e in errors) == failed
     for e in errors:
         assert set(e.column("stage").to_pylist()) == {"read"}
@@ -244,27 +250,66 @@ def test_s3_job_each_format(fmt, outputs, dataset, resnet18_weights):
         assert f"s3://{BUCKET}/tar/shard-000000.tar#../{names[0]}" in uris
         assert f"s3://{BUCKET}/tar/shard-000001.tar.gz#{names[5]}" in uris
     elif fmt == "parquet":
-        assert rows.column("key").to_pylist() == [f"k{i}" for i in range(6)]
+        assert sorted(rows.column("key").to_pylist()) == [f"k{i}" for i in range(6)]
         assert errors[0].column("uri").to_pylist() == [f"s3://{BUCKET}/parquet/p1.parquet#2"]
     else:
         assert sorted(rows.column("label").to_pylist()) == names
         assert errors[0].column("uri").to_pylist() == [f"s3://{BUCKET}/images/missing.jpg"]
-    # Against eager torchvision on the local files: the bytes made it through intact.
-    ref, _, _ = reference_outputs("resnet18", resnet18_weights, dataset["local"])
-    cos = cosine(_embeddings_by_photo(fmt, rows, names), ref)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fmt", list(CASES))
+def test_s3_stages_each_format(fmt, stage_outputs, dataset, reference):
+    """Ray-free, on the S3 server: each format's listing (counts, skipped entries), fetch
+    (error rows for missing objects and null cells), carried columns, and the embeddings eager
+    torchvision gives on the local files (the bytes made it through intact)."""
+    stages = stage_outputs(fmt)
+    _prefix, _flags, inputs, failed, skipped = CASES[fmt]
+    names = dataset["names"]
+    assert stages.listing.format == fmt
+    assert stages.listing.table.num_rows == inputs
+    assert stages.listing.skipped_non_image == skipped
+    assert (stages.stats.succeeded, stages.stats.failed) == (inputs - failed, failed)
+    errors = [stages.errors] if stages.errors is not None else []
+    _check_format(fmt, stages.rows, errors, names)
+    cos = cosine(_embeddings_by_photo(fmt, stages.rows, names), reference)
     assert cos.min() >= 0.999, cos
 
 
-@pytest.mark.slow
-def test_formats_agree_and_secrets_stay_out(s3, outputs, dataset):
+@pytest.mark.timeout(300)
+def test_formats_agree(stage_outputs, dataset):
+    """Every format gives the same embedding for the same photo (Ray-free)."""
     names = dataset["names"]
-    embs = {fmt: _embeddings_by_photo(fmt, outputs(fmt)[1], names) for fmt in CASES}
+    embs = {fmt: _embeddings_by_photo(fmt, stage_outputs(fmt).rows, names) for fmt in CASES}
     for fmt in CASES:
         np.testing.assert_allclose(embs[fmt], embs["images"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_s3_job_and_secrets_stay_out(s3, job_output, stage_outputs, dataset):
+    """The Ray job, s3:// in and out with credentials only in --storage-options: the summary's
+    counts, the part-file layout, the rows and error rows the format must give, embeddings
+    equal to the Ray-free stages' on the same input, and no secret in any file it wrote."""
+    files, rows, errors, summary = job_output
+    _prefix, _flags, inputs, failed, skipped = CASES[JOB_FORMAT]
+    names = dataset["names"]
+    assert summary["input_format"] == JOB_FORMAT
+    assert (summary["inputs"], summary["succeeded"], summary["failed"]) == (
+        inputs, inputs - failed, failed)
+    assert summary["skipped_non_image"] == skipped
+    assert summary["lost"] == 0 and summary["bytes_read"] > 0
+    assert summary["listing_seconds"] >= 0
+    parts = [f for f in files if f.startswith("part-")]
+    assert parts == [f"part-{i:05d}.parquet" for i in range(len(parts))] and len(parts) == 2
+    assert "_summary.json" in files and "_SUCCESS" in files
+    _check_format(JOB_FORMAT, rows, errors, names)
+    np.testing.assert_allclose(_embeddings_by_photo(JOB_FORMAT, rows, names),
+                               _embeddings_by_photo(JOB_FORMAT, stage_outputs(JOB_FORMAT).rows,
+                                                    names), rtol=1e-4, atol=1e-5)
     fs = s3.fs()
     for path in fs.find(f"{BUCKET}/out"):
         assert SECRET_KEY.encode() not in fs.cat_file(path), path
-    summary = outputs("images")[3]
     assert summary["config"]["storage_options"] == ["client_kwargs", "key", "secret"]
 
 
@@ -314,6 +359,7 @@ def _wait_for_port(port: int, timeout: float) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_ray_job_submit_s3(s3, dataset, resnet18_weights):
     """`ray start --head` + `ray job submit` with s3:// in and out; credentials and endpoint come
     from the standard environment variables (AWS_ENDPOINT_URL), not from flags."""
