@@ -33,7 +33,14 @@ from resnet_features.core.models import ModelSpec, resolve_model
 from resnet_features.extract.decode import Decode, DecodeOptions
 from resnet_features.extract.gpu_decode import with_gpu_decode
 from resnet_features.extract.inference import InferenceOptions, ModelRunner, precision_name
-from resnet_features.extract.inputs import InputSpec, Listing, ReadBytes, list_inputs, listing_blocks
+from resnet_features.extract.inputs import (
+    InputSpec,
+    Listing,
+    ReadBytes,
+    check_input_exists,
+    list_inputs,
+    listing_blocks,
+)
 from resnet_features.extract.inputs.boxes import attach_boxes
 from resnet_features.extract.outputs import build_outputs, units_metadata
 from resnet_features.extract.outputs.grid import geometry_of
@@ -305,6 +312,7 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     finished = layout.finished_summary()
     if finished is not None and not cfg.overwrite:
         return _noop(cfg, finished)
+    check_input_exists(cfg.input, cfg.storage_options)  # before Ray: a typo fails in a second
     if cfg.device == "cuda":  # a cluster without GPUs fails here, before any weights or output
         _init_ray()
         _resolve_device(cfg)

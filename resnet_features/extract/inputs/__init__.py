@@ -11,7 +11,12 @@ from resnet_features.extract.inputs.common import (
 )
 from resnet_features.extract.inputs.fetch import ReadBytes
 from resnet_features.extract.inputs.formats import FORMATS, INPUT_FORMATS
-from resnet_features.extract.inputs.listing import list_images, list_inputs, listing_blocks
+from resnet_features.extract.inputs.listing import (
+    check_input_exists,
+    list_images,
+    list_inputs,
+    listing_blocks,
+)
 
 __all__ = [
     "FORMATS",
@@ -21,6 +26,7 @@ __all__ = [
     "InputSpec",
     "Listing",
     "ReadBytes",
+    "check_input_exists",
     "detect_format",
     "list_images",
     "list_inputs",

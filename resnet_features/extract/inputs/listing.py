@@ -62,6 +62,21 @@ def _expand(uri: str, storage_options: dict[str, Any] | None):
     return fs, files, single
 
 
+def check_input_exists(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """One cheap request, before Ray starts: a folder, prefix or object that is not there is a
+    usage error in a second instead of after the cluster's start-up (globs and http(s) inputs
+    are checked by the listing itself)."""
+    try:
+        fs, root = storage.filesystem(uri, storage_options)
+        if storage.protocol(fs) in NO_LISTING or any(c in root for c in "*?["):
+            return
+        exists = fs.exists(root)
+    except (OSError, ValueError, PermissionError) as exc:
+        raise InputError(f"cannot list input {uri}: {type(exc).__name__}: {exc}") from exc
+    if not exists:
+        raise InputError(f"input {uri} does not exist")
+
+
 def _one_url(fs, url: str, uri: str):
     """An http(s) input: one object, never a folder or a glob ("?" starts a query there)."""
     how = ("http(s) has no listing: point --input at one file, such as a manifest of image "
