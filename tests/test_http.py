@@ -107,7 +107,9 @@ def test_job_on_http_manifest(site, tmp_path, resnet18_weights, ray_local):
     summary = json.loads((out / "run=t" / "_SUCCESS").read_text())
     assert (summary["inputs"], summary["succeeded"], summary["failed"]) == (len(names) + 1,
                                                                            len(names), 1)
-    rows = pq.read_table(out / "run=t" / "part-00000.parquet")
+    summary_files = summary["files"]
+    assert len(summary_files) == 1 and summary["error_files"] == [f"_errors/{summary_files[0]}"]
+    rows = pq.read_table(out / "run=t" / summary_files[0])
     assert sorted(rows.column("uri").to_pylist()) == sorted(f"{base}/photos/{n}" for n in names)
-    errors = pq.read_table(out / "run=t" / "_errors" / "part-00000.parquet").to_pylist()
+    errors = pq.read_table(out / "run=t" / summary["error_files"][0]).to_pylist()
     assert [(e["uri"], e["stage"]) for e in errors] == [(f"{base}/photos/missing.jpg", "read")]
