@@ -98,14 +98,27 @@ class Node:
     log: object
     alive: bool = True
 
+    def descendants(self) -> list:
+        """Every process the node started. Its raylet and agents share the node's process
+        group, but Ray puts each worker (and a job's driver) in a process group of its own."""
+        import psutil
+
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        return []
+
     def kill(self) -> None:
-        """Lose the node: SIGKILL its raylet, object store and workers (the process group)."""
+        """Lose the node at once: SIGKILL its process group (raylet, object store, agents) and
+        every worker it started."""
+        procs = self.descendants()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        _kill_all(procs)
         self.proc.wait(timeout=60)
         self.alive = False
 
     def stop(self) -> None:
+        procs = self.descendants()
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -113,9 +126,9 @@ class Node:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 pass
-        # Whatever is left in the group (workers outlive a `ray start` that exits first).
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        _kill_all(procs)  # workers and drivers in their own process groups
         self.log.close()
 
     def output(self) -> str:
@@ -163,6 +176,15 @@ class Cluster:
              "print(sum(1 for n in ray.nodes() if n['Alive']))", self.gcs],
             capture_output=True, text=True, env=self.env, timeout=120)
         return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
+
+
+def _kill_all(procs: list) -> None:
+    import psutil
+
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(procs, timeout=30)
 
 
 def _spawn(name: str, cmd: list[str], env: dict[str, str]) -> Node:

@@ -145,3 +145,30 @@ def test_multinode_cluster_writes_on_workers_and_survives_lost_nodes(
         assert code == 0, log[-4000:]
         summary = check_exactly_once(out, "model-lost", paths)
         assert summary["attempt"] == 1 and summary["reused"] > 0
+
+
+def test_the_wait_for_a_lost_model_node_is_bounded(monkeypatch):
+    """No cluster: once no alive node has the model actor's resources, the driver's wait ends
+    after --node-loss-timeout with the reason (the multi-node test loses a real node)."""
+    from resnet_features.extract import pipeline
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 1.0, "model_node": 1.0}}]
+    monkeypatch.setattr(pipeline.ray, "nodes", lambda: nodes)
+    cfg = config_from_args(get_args_parser().parse_args(
+        ["--input", "x", "--output", "y", "--model-resources", '{"model_node": 1}',
+         "--node-loss-timeout", "0.5"]))
+    watchdog = pipeline._ModelNodeWatchdog(cfg, "cpu", poll=0.05)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with watchdog:
+            time.sleep(0.5)
+            assert watchdog.reason is None  # the node is there: no alarm
+            nodes[0]["Alive"] = False  # the model node is lost
+            while time.monotonic() - t0 < 10:
+                time.sleep(0.01)
+    assert "no alive Ray node can host a model actor" in watchdog.reason
+    assert time.monotonic() - t0 < 5
+    # CPU model actors without --model-resources fit on any node: nothing to watch.
+    plain = config_from_args(get_args_parser().parse_args(["--input", "x", "--output", "y"]))
+    assert pipeline._ModelNodeWatchdog(plain, "cpu").need == {}
+    assert pipeline._ModelNodeWatchdog(plain, "cuda").need == {"GPU": 1.0}

@@ -299,6 +299,24 @@ class _ModelNodeWatchdog:
                                           for k, v in self.need.items())
                    for n in ray.nodes())
 
+    def _message(self, waited: float) -> str:
+        return (f"no alive Ray node can host a model actor (each needs {self.need}) after "
+                f"{waited:.0f} s: the node that ran them was lost. Committed parts stay staged; "
+                f"rerun the same command once the cluster has such a node again "
+                f"(--node-loss-timeout sets how long the job waits for one)")
+
+    def lost_reason(self, settle: float = 10.0) -> str | None:
+        """After the pipeline failed: the lost-node reason if no node can host a model actor
+        (waiting up to `settle` s for Ray to mark a killed node dead), else None."""
+        if not self.need:
+            return None
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < settle:
+            if not self._hostable():
+                return self._message(time.monotonic() - t0)
+            time.sleep(self.poll)
+        return None
+
     def _watch(self) -> None:
         lost_since = None
         while not self._stop.wait(self.poll):
@@ -307,11 +325,7 @@ class _ModelNodeWatchdog:
                 continue
             lost_since = lost_since or time.monotonic()
             if time.monotonic() - lost_since >= self.timeout:
-                self.reason = (
-                    f"no alive Ray node can host a model actor (each needs {self.need}) for "
-                    f"{self.timeout:g} s: the node that ran them was lost. Committed parts stay "
-                    f"staged; rerun the same command once the cluster has such a node again "
-                    f"(--node-loss-timeout sets this wait)")
+                self.reason = self._message(self.timeout)
                 log.error(self.reason)
                 import _thread
                 _thread.interrupt_main()
@@ -495,6 +509,13 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
             if watchdog.reason is None:
                 raise
             raise ModelNodeLost(watchdog.reason) from None
+        except Exception as exc:
+            # Ray may give up on the model actors before the watchdog does (their task retries
+            # run out on a dead node): name the cause when it is a lost model node.
+            reason = watchdog.lost_reason()
+            if reason is None:
+                raise
+            raise ModelNodeLost(f"{reason} ({type(exc).__name__}: {exc})") from exc
         finally:
             # On an error (storage down while writing), stop the pipeline and free its actors
             # now; committed parts stay staged and a rerun resumes from them.
