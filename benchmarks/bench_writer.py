@@ -9,10 +9,11 @@ plays the driver: it receives only the sinks' part records and feeds them to the
 whole stream), bytes the driver received per input (Arrow size of the records), and the
 driver's CPU seconds per 10^5 inputs (process time spent on records).
 
-`--driver-rss` instead reports the driver's peak RSS for --rows inputs in a fresh process:
-`after` = listing + CommitLog fed with the records of a real write; `before` = the driver-side
-PartWriter of git revision --before-rev (every result row through the driver), fed the same
-synthetic stream. Neither includes Ray's own driver (the same before and after).
+`--driver-rss` instead reports the driver's peak RSS for --rows inputs in a fresh process, and
+what the results added to it (peak minus the RSS once imports, listing and the synthetic pool
+are in place): `after` = listing + CommitLog fed with the records of a real write done in a
+child process; `before` = the driver-side PartWriter of git revision --before-rev (every result
+row through the driver), fed the same synthetic stream. Neither includes Ray's own driver.
 
     python benchmarks/bench_writer.py [--rows 100000] [--processes 1 2] [--json out.json]
     python benchmarks/bench_writer.py --driver-rss [--rows 100000] [--before-rev 091c379]
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import numpy as np
 import pyarrow as pa
@@ -138,27 +140,33 @@ def driver_rss(mode: str, rows: int, rev: str) -> dict:
                         "size_bytes": np.full(rows, 110_000, np.int64),
                         "fingerprint": [f"{100000 + i}:etag:{i:032x}" for i in range(rows)]})
     with tempfile.TemporaryDirectory(prefix="bench-rss-") as out:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if mode == "after":
-            records = writer_proc((case, out, 0, rows, auto_rows_per_file(units), 3))[0]
-            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the writes are not the driver's
+            # The writes happen elsewhere (a child process here, write tasks in the job): the
+            # driver holds the listing and the commit log fed with the records.
+            with mp.get_context("spawn").Pool(1) as pool:
+                records = pool.apply(writer_proc,
+                                     ((case, out, 0, rows, auto_rows_per_file(units), 3),))[0]
+            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             log = CommitLog(rows)
             for r in records:
                 log.add(pa.table(r))
         else:
             source = subprocess.run(["git", "show", f"{rev}:resnet_features/extract/writer.py"],
                                     capture_output=True, text=True, check=True).stdout
-            legacy: dict = {"__name__": "legacy_writer"}
-            exec(compile(source, "legacy_writer.py", "exec"), legacy)
-            w = legacy["PartWriter"](out, units=units, listing=listing,
-                                     rows_per_file=auto_rows_per_file(units), file_metadata={})
+            legacy = types.ModuleType("legacy_writer")
+            sys.modules[legacy.__name__] = legacy  # its dataclasses look their module up
+            exec(compile(source, "legacy_writer.py", "exec"), legacy.__dict__)
+            w = legacy.PartWriter(out, units=units, listing=listing,
+                                  rows_per_file=auto_rows_per_file(units), file_metadata={})
             pool, rng = make_pool(units, 3), np.random.default_rng(4)
+            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             for s in range(0, rows, BATCH):
                 w.add(batch_of(pool, s, min(BATCH, rows - s), rng))
             w.close()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"mode": mode, "rows": rows, "peak_rss_mb": round(peak / 1024, 1),
-            "rss_before_writing_mb": round(base / 1024, 1)}
+            "rss_before_writing_mb": round(base / 1024, 1),
+            "added_by_results_mb": round((peak - base) / 1024, 1)}
 
 
 def main() -> None:

@@ -10,13 +10,17 @@ Layout under OUTPUT (readers skip `_`-prefixed names, so only published rows are
     run=<id>/_manifest.json        task fingerprint, file list, counts
     run=<id>/_summary.json, _SUCCESS   the summary; `_SUCCESS` is written last
     _staging/run=<id>/             the run while it is computed: parts + `_ledger/<part>`
-                                   fragments (a part counts only once its fragment exists)
+                                   fragments (a part counts only once its fragment exists),
+                                   written by the write tasks on the workers
     _index/task=<fp>/              the compacted ledger of earlier runs (`ledger.py`)
 
 A rerun of an unfinished run resumes: committed parts are kept and their inputs skipped before
 anything enters Ray. Publishing writes the manifest into staging first, then moves files in
 (data, errors, ledger, summary, manifest, `_SUCCESS` last); a publish cut short is finished by
-the next rerun. Ray's own retries give at-least-once delivery; the writer drops repeats.
+the next rerun. Parts are written by tasks on the workers and Ray's retries give at-least-once
+delivery: a repeated part of the same rows has the same name; parts that repeat inputs under
+different names are made disjoint by `RunLayout.reconcile` before an attempt starts and before
+a run is staged, so every input is committed once.
 Reading an output's rows is the catalog's (`catalog.py`). Names of the layout: `layout.py`.
 """
 
