@@ -312,8 +312,11 @@ class _ModelNodeWatchdog:
             return None
         t0 = time.monotonic()
         while time.monotonic() - t0 < settle:
-            if not self._hostable():
-                return self._message(time.monotonic() - t0)
+            try:
+                if not self._hostable():
+                    return self._message(time.monotonic() - t0)
+            except Exception:  # Ray itself is gone: the caller re-raises the original error
+                return None
             time.sleep(self.poll)
         return None
 
