@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -232,7 +233,9 @@ def test_s3_job_each_format(fmt, outputs, dataset, resnet18_weights):
     assert rows.num_rows == 6 and rows.column("uri").to_pylist() == sorted(
         rows.column("uri").to_pylist()) or fmt == "manifest"
     parts = [f for f in files if f.startswith("part-")]
-    assert parts == [f"part-{i:05d}.parquet" for i in range(len(parts))]
+    # Content-named parts (attempt, first listing index, digest of the indices), as listed.
+    assert parts and sorted(parts) == sorted(summary["files"])
+    assert all(re.fullmatch(r"part-a0-\d{9}-[0-9a-f]{10}\.parquet", p) for p in parts), parts
     assert "_summary.json" in files and "_SUCCESS" in files
     assert sum(e.num_rows for e in errors) == failed
     for e in errors:
