@@ -168,7 +168,8 @@ class StageRun:
 
 def run_stages(cfg, output: str, *, runner_cls=None, after_listing=None) -> StageRun:
     """The job's stages in this process, without Ray, composed as extract/pipeline.py composes
-    them: list_inputs -> listing_blocks -> ReadBytes -> Decode -> ModelRunner -> PartWriter,
+    them: list_inputs -> listing_blocks -> ReadBytes -> Decode -> ModelRunner -> PartWriter
+    (the write tasks' PartSink + the driver's CommitLog, in one process),
     into `output` (a local folder: part files, `_errors/`, side files).
 
     The numerics of the job live in these stages; Ray only moves batches between them (one Ray
@@ -203,7 +204,7 @@ def run_stages(cfg, output: str, *, runner_cls=None, after_listing=None) -> Stag
     runner = (runner_cls or ModelRunner)(shipped_spec, state,
                                          InferenceOptions(precision=cfg.precision),
                                          shipped_units)
-    writer = PartWriter(output, units=units, listing=listing.table,
+    writer = PartWriter(output, units=units, n_inputs=listing.table.num_rows,
                         rows_per_file=cfg.rows_per_file or auto_rows_per_file(units),
                         file_metadata={"model": spec.name}, extra=listing.extra)
     batch_size = cfg.batch_size or 32
@@ -215,14 +216,14 @@ def run_stages(cfg, output: str, *, runner_cls=None, after_listing=None) -> Stag
                               for k, v in batch.items()})
             for b in range(0, len(decoded["uri"]), batch_size):
                 writer.add(runner({k: v[b:b + batch_size] for k, v in decoded.items()}))
-    assert not writer.missing_indices(), writer.missing_indices()
+    assert not writer.log.missing_indices(), writer.log.missing_indices()
     writer.close()
     rows = pads.dataset(output, format="parquet", exclude_invalid_files=True,
                         ignore_prefixes=["_", "."]).to_table()
     errors_dir = os.path.join(output, "_errors")
     errors = (pads.dataset(errors_dir, format="parquet").to_table()
               if os.path.isdir(errors_dir) and os.listdir(errors_dir) else None)
-    return StageRun(listing=listing, units=units, stats=writer.stats,
+    return StageRun(listing=listing, units=units, stats=writer.log,
                     rows=rows.sort_by("uri"),
                     errors=errors.sort_by("uri") if errors is not None else None,
                     output=output)

@@ -1,9 +1,13 @@
-"""A throwaway `ray start --head` cluster for tests that exercise `ray job submit` for real."""
+"""Throwaway Ray clusters for tests that exercise `ray job submit` for real: a head alone
+(`ray_head`) or a head and worker nodes (`ray_cluster`), each `ray start` in its own process
+group with its own object store and resources, all on this machine."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -12,6 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 
 BIN = os.path.dirname(sys.executable)
 
@@ -78,3 +83,154 @@ def ray_head(num_cpus: int = 2, env: dict[str, str] | None = None):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+#: The smallest object store Ray accepts (75 MiB is its floor): three nodes on a small machine.
+SMALL_OBJECT_STORE = 80 * 1024 * 1024
+
+
+@dataclass
+class Node:
+    """One `ray start` process and everything it started (its process group)."""
+
+    name: str
+    proc: subprocess.Popen
+    log: object
+    alive: bool = True
+
+    def descendants(self) -> list:
+        """Every process the node started. Its raylet and agents share the node's process
+        group, but Ray puts each worker (and a job's driver) in a process group of its own."""
+        import psutil
+
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        return []
+
+    def kill(self) -> None:
+        """Lose the node at once: SIGKILL its process group (raylet, object store, agents) and
+        every worker it started."""
+        procs = self.descendants()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        _kill_all(procs)
+        self.proc.wait(timeout=60)
+        self.alive = False
+
+    def stop(self) -> None:
+        procs = self.descendants()
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        _kill_all(procs)  # workers and drivers in their own process groups
+        self.log.close()
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+
+@dataclass
+class Cluster:
+    address: str  # the jobs API (dashboard)
+    gcs: str  # host:port worker nodes join
+    env: dict[str, str]
+    nodes: dict[str, Node] = field(default_factory=dict)
+
+    def add_worker(self, name: str, *, num_cpus: float = 1,
+                   resources: dict[str, float] | None = None, timeout: float = 120) -> Node:
+        """Start a worker node that joins the head; wait until the cluster counts it."""
+        before = self.alive_nodes()
+        cmd = [os.path.join(BIN, "ray"), "start", f"--address={self.gcs}", "--block",
+               f"--num-cpus={num_cpus}", "--num-gpus=0",
+               f"--object-store-memory={SMALL_OBJECT_STORE}",
+               f"--resources={json.dumps(resources or {})}",
+               f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+               f"--metrics-export-port={free_port()}",
+               f"--dashboard-agent-listen-port={free_port()}",
+               f"--dashboard-agent-grpc-port={free_port()}",
+               f"--runtime-env-agent-port={free_port()}", "--node-ip-address=127.0.0.1",
+               "--disable-usage-stats"]
+        node = _spawn(name, cmd, self.env)
+        self.nodes[name] = node
+        deadline = time.time() + timeout
+        while self.alive_nodes() <= before:
+            if node.proc.poll() is not None:
+                raise RuntimeError(f"ray start ({name}) exited:\n{node.output()}")
+            if time.time() > deadline:
+                raise TimeoutError(f"worker node {name} did not join in {timeout:.0f} s")
+            time.sleep(1)
+        return node
+
+    def alive_nodes(self) -> int:
+        """Alive nodes, as the GCS sees them (`ray status` would need the autoscaler)."""
+        out = subprocess.run(
+            [sys.executable, "-c",
+             "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+             "print(sum(1 for n in ray.nodes() if n['Alive']))", self.gcs],
+            capture_output=True, text=True, env=self.env, timeout=120)
+        return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
+
+
+def _kill_all(procs: list) -> None:
+    import psutil
+
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(procs, timeout=30)
+
+
+def _spawn(name: str, cmd: list[str], env: dict[str, str]) -> Node:
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+    return Node(name, proc, log)
+
+
+@contextlib.contextmanager
+def ray_cluster(env: dict[str, str] | None = None, head_cpus: float = 0):
+    """A head node (no CPUs by default: it runs the driver, not the work, like cluster.yaml's)
+    that worker nodes join with `Cluster.add_worker`. Every node is stopped at the end, also
+    when the test fails, by its process group (never `ray stop`, which stops every Ray on the
+    machine)."""
+    env = env or cluster_env()
+    env.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))  # every node and client shares it
+    dashboard, gcs_port = free_port(), free_port()
+    cmd = [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--num-cpus={head_cpus}",
+           "--num-gpus=0", f"--port={gcs_port}", f"--dashboard-port={dashboard}",
+           "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+           f"--object-store-memory={SMALL_OBJECT_STORE}",
+           f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}",
+           f"--dashboard-agent-grpc-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--ray-client-server-port={free_port()}", "--node-ip-address=127.0.0.1",
+           "--disable-usage-stats"]
+    head = _spawn("head", cmd, env)
+    cluster = Cluster(address=f"http://127.0.0.1:{dashboard}", gcs=f"127.0.0.1:{gcs_port}",
+                      env=env, nodes={"head": head})
+    try:
+        deadline = time.time() + 120
+        while True:
+            if head.proc.poll() is not None:
+                raise RuntimeError(f"ray start --head exited:\n{head.output()}")
+            try:
+                urllib.request.urlopen(cluster.address + "/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise TimeoutError("the Ray dashboard did not come up in 120 s") from None
+                time.sleep(1)
+        yield cluster
+    finally:
+        for node in reversed(list(cluster.nodes.values())):
+            node.stop()

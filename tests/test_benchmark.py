@@ -86,3 +86,16 @@ def test_fidelity_yardstick_is_the_reference_plus_invisible_noise(tmp_path, resn
     assert same["cosine_min"] > 0.99999
     assert 0.9 < noisy["cosine_min"] < same["cosine_min"]
     assert np.isfinite(noisy["cosine_mean"])
+
+
+def test_writer_benchmark_accounts_for_every_row():
+    """bench_writer's pieces, tiny: every row is committed once through the real sink, and the
+    driver's share stays the records (bytes per input independent of the output columns)."""
+    import bench_writer
+
+    small = bench_writer.run_case("both", 600, 1)
+    layers = bench_writer.run_case("both+layers", 600, 1)
+    assert small["rows"] == layers["rows"] == 600 and small["parts"] >= 1
+    assert layers["bytes_written"] > 2 * small["bytes_written"]
+    assert 8 <= small["driver_bytes_per_input"] <= 256
+    assert abs(small["driver_bytes_per_input"] - layers["driver_bytes_per_input"]) < 2

@@ -48,6 +48,8 @@ def _result_batch(listing: pa.Table, vectors: np.ndarray, indices: list[int]) ->
     n = listing.num_rows
     return {"index": listing.column("index").to_numpy(),
             "uri": np.asarray(listing.column("uri").to_pylist(), dtype=object),
+            "fingerprint": np.asarray(listing.column("fingerprint").to_pylist(), dtype=object),
+            "size_bytes": listing.column("size_bytes").to_numpy(),
             "embedding": vectors[indices],
             "width": np.full(n, 10), "height": np.full(n, 10),
             "error_stage": np.full(n, "", dtype=object), "error_type": np.full(n, "", dtype=object),
@@ -63,8 +65,9 @@ def _write_run(out: str, run_id: str, indices: list[int], *, success: bool, comm
     identity = protocol.task_identity(spec, "embed", 5)
     state = layout.start_attempt(protocol.fingerprint_of(identity), fresh=False)
     listing = _listing(indices, fingerprints or {})
-    writer = PartWriter(layout.staging_uri(), units=for_task(spec, "embed"), listing=listing,
-                        rows_per_file=2, file_metadata={}, attempt=state.attempt)
+    writer = PartWriter(layout.staging_uri(), units=for_task(spec, "embed"),
+                        n_inputs=listing.num_rows, rows_per_file=2, file_metadata={},
+                        attempt=state.attempt)
     writer.add(_result_batch(listing, VECTORS[run_id], indices))
     writer.close()
     summary = {"run": run_id, "model": "resnet18", "status": "succeeded" if success else "failed"}
@@ -82,7 +85,8 @@ def output(tmp_path, monkeypatch) -> str:
     _write_run(out, "alpha", [2, N], success=True, committed_at="2024-05-03T00:00:00Z",
                fingerprints={2: "2:mtime:changed"}, monkeypatch=monkeypatch)
     # A stray file in a finished run (no manifest lists it): never data.
-    shutil.copy(os.path.join(out, "run=alpha", "part-00000.parquet"),
+    first = sorted(f for f in os.listdir(os.path.join(out, "run=alpha")) if f.startswith("part-"))
+    shutil.copy(os.path.join(out, "run=alpha", first[0]),
                 os.path.join(out, "run=zeta", "part-09999.parquet"))
     assert os.path.exists(os.path.join(out, "run=omega", "_manifest.json"))
     assert not os.path.exists(os.path.join(out, "run=omega", "_SUCCESS"))

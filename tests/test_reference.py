@@ -15,6 +15,7 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from helpers import cosine, make_cfg, reference_outputs, run_stages
 
@@ -104,7 +105,13 @@ def test_job_writes_what_the_stages_compute(job_a, few_photos, resnet18_weights,
     assert summary["inputs"] == 6 == summary["succeeded"] + summary["failed"]
     assert summary["failed"] == 0 and summary["lost"] == 0
     assert summary["weights"].startswith("sha256:")
-    assert sorted(summary["files"]) == ["part-00000.parquet", "part-00001.parquet"]
+    # Parts are written where the rows are, at most --rows-per-file rows each, sorted by uri
+    # within a part; together they hold every input once.
+    sizes = [pq.read_metadata(os.path.join(out, "run=r", f)).num_rows for f in summary["files"]]
+    assert len(sizes) >= 2 and max(sizes) <= 4 and sum(sizes) == 6
+    for f in summary["files"]:
+        uris = pq.read_table(os.path.join(out, "run=r", f), columns=["uri"])["uri"].to_pylist()
+        assert uris == sorted(uris)
 
 
 @pytest.mark.slow
@@ -149,6 +156,8 @@ def test_second_run_gives_same_rows(job_a, few_photos, resnet18_weights, tmp_pat
     for out in (out_a, out_b):
         assert sorted(os.listdir(out)) == ["run=r"]
         files = sorted(os.listdir(os.path.join(out, "run=r")))
-        assert files == ["_SUCCESS", "_errors", "_ledger", "_manifest.json",
-                         "_summary.json", "part-00000.parquet", "part-00001.parquet"]
+        assert files[:5] == ["_SUCCESS", "_errors", "_ledger", "_manifest.json",
+                             "_summary.json"]
+        # Content-named parts of at most --rows-per-file rows, written by the write tasks.
+        assert files[5:] and all(f.startswith("part-a0-") for f in files[5:]), files
     assert read_rows(out_a).equals(read_rows(out_b))

@@ -24,9 +24,8 @@ from resnet_features.core.samples import load_photo, write_samples
 from resnet_features.extract.inference import ModelRunner
 from resnet_features.extract.inputs import list_images
 from resnet_features.extract.pipeline import run
-from resnet_features.extract.writer import PartWriter
+from resnet_features.extract.writer import CommitLog
 from resnet_features.runs.catalog import load_features
-from resnet_features.runs.layout import LEDGER_DIR
 from resnet_features.runs.protocol import incremental_filter
 
 
@@ -288,8 +287,14 @@ def test_s3_outage_during_write_then_rerun_exactly_once(resnet18_weights, ray_lo
         client.create_bucket(Bucket="nightly")
         inp = str(tmp_path / "in")
         paths = write_small(inp, 12, seed=10)
+        # Parts are written by tasks on the workers, which do not see this process's
+        # environment: the credentials travel as storage options (a real cluster's nodes have
+        # their own: an instance role or the environment of every node).
+        options = {"key": "testing", "secret": "testing",
+                   "client_kwargs": {"endpoint_url": endpoint}}
         args = job_args(inp, "s3://nightly/out", resnet18_weights, "s3run", "--rows-per-file",
-                        "2", "--batch-size", "2", "--decode-batch-size", "2")
+                        "2", "--batch-size", "2", "--decode-batch-size", "2",
+                        "--storage-options", json.dumps(options))
         outage: dict = {}
         restarted = threading.Event()
 
@@ -299,19 +304,20 @@ def test_s3_outage_during_write_then_rerun_exactly_once(resnet18_weights, ray_lo
             servers[-1].start()
             restarted.set()
 
-        # The store goes down right after the first part is committed (its ledger fragment is
-        # written by the driver's writer), so the outage always falls inside the write phase,
-        # however fast the machine is; it comes back 3 s later.
-        original = PartWriter._write
+        # The store goes down right after the driver learns that the first part is committed
+        # (its write task wrote the ledger fragment on a worker), so the outage always falls
+        # inside the write phase, however fast the machine is; it comes back 3 s later.
+        original = CommitLog.add
 
-        def write_then_cut(self, table, relpath):
-            original(self, table, relpath)
-            if relpath.startswith(LEDGER_DIR) and not outage:
+        def add_then_cut(self, records):
+            new = original(self, records)
+            if not outage:
                 servers[0].stop()  # the state lives in-process: a restart keeps the objects
                 outage["at"] = time.time()
                 threading.Thread(target=restart_later, daemon=True).start()
+            return new
 
-        monkeypatch.setattr(PartWriter, "_write", write_then_cut)
+        monkeypatch.setattr(CommitLog, "add", add_then_cut)
         try:
             first = run(make_cfg(*args))
             outcome = first.exit_code
@@ -319,7 +325,7 @@ def test_s3_outage_during_write_then_rerun_exactly_once(resnet18_weights, ray_lo
             outcome = exc
         assert "at" in outage, "the storage outage never happened"
         assert restarted.wait(timeout=60)
-        monkeypatch.setattr(PartWriter, "_write", original)
+        monkeypatch.setattr(CommitLog, "add", original)
         assert outcome == 0 or isinstance(outcome, Exception), outcome
 
         second = run(make_cfg(*args))
@@ -374,6 +380,8 @@ def _fake_rows(listing: pa.Table, value: float) -> dict[str, np.ndarray]:
     n = listing.num_rows
     return {"index": listing.column("index").to_numpy(),
             "uri": np.asarray(listing.column("uri").to_pylist(), dtype=object),
+            "fingerprint": np.asarray(listing.column("fingerprint").to_pylist(), dtype=object),
+            "size_bytes": listing.column("size_bytes").to_numpy(),
             "embedding": np.full((n, 512), value, dtype=np.float32),
             "width": np.full(n, 10), "height": np.full(n, 10),
             "error_stage": np.full(n, "", dtype=object), "error_type": np.full(n, "", dtype=object),
@@ -391,11 +399,14 @@ def _stage_run(layout, spec, listing, value: float, *, fresh: bool = False):
                     state.committed.column("uri").to_numpy(zero_copy_only=False))
     work = listing.filter(pa.array(todo))
     work = work.set_column(0, "index", pa.array(np.arange(work.num_rows)))
-    writer = PartWriter(layout.staging_uri(), units=for_task(spec, "embed"), listing=work,
-                        rows_per_file=3, file_metadata={}, attempt=state.attempt)
+    writer = PartWriter(layout.staging_uri(), units=for_task(spec, "embed"),
+                        n_inputs=work.num_rows, rows_per_file=3, file_metadata={},
+                        attempt=state.attempt)
     if work.num_rows:
         writer.add(_fake_rows(work, value))
-        writer.add(_fake_rows(work.slice(0, 2), value + 1))  # repeats (a retried task): dropped
+        # Repeats in another grouping (a retried task): a second committed part overlapping
+        # the first, which the protocol's reconcile step removes before anything is reused.
+        writer.add(_fake_rows(work.slice(0, 2), value + 1))
     writer.close()
     return state, writer, identity
 
@@ -415,7 +426,7 @@ def test_commit_protocol_resume_overwrite_and_interrupted_publish(tmp_path):
 
     # Attempt 0 commits the first part only; a data file and a temp file are left uncommitted.
     state, writer, identity = _stage_run(layout, spec, listing.slice(0, 3), 1.0)
-    assert writer.duplicates_dropped == 2 and state.attempt == 0
+    assert writer.log.duplicates_dropped == 2 and state.attempt == 0
     staging = os.path.join(out, "_staging", "run=r")
     open(os.path.join(staging, "part-00001.parquet"), "wb").write(b"half a parquet file")
     os.makedirs(os.path.join(staging, "_tmp"), exist_ok=True)
@@ -425,7 +436,8 @@ def test_commit_protocol_resume_overwrite_and_interrupted_publish(tmp_path):
     state, writer, _ = _stage_run(layout, spec, listing, 2.0)  # the resumed attempt
     assert state.attempt == 1 and state.discarded_files == 1
     assert sorted(state.committed.column("uri").to_pylist()) == uris[:3]
-    assert writer.stats.succeeded == 4  # only the 4 inputs no committed part holds
+    assert writer.log.succeeded == 4  # only the 4 inputs no committed part holds
+    assert writer.log.duplicates_dropped == 2
     layout.stage_manifest({"run": "r"}, identity, success=True)
     layout.publish()
     assert sorted(published_uris(out)) == uris  # exactly once

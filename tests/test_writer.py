@@ -1,8 +1,11 @@
-"""The part writer, without Ray: deterministic parts, explicit schema, error rows, counts."""
+"""The write path without Ray: the sink that writes and commits a part where the rows are, the
+driver's commit log (records only), and the protocol step that keeps every input once."""
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +15,8 @@ import pytest
 from resnet_features.core.errors import error_columns
 from resnet_features.core.models import resolve_model
 from resnet_features.extract.outputs import for_task
-from resnet_features.extract.writer import PartWriter
+from resnet_features.extract.writer import CommitLog, PartSink, PartWriter, part_name
+from resnet_features.runs import protocol
 
 
 @pytest.fixture(scope="module")
@@ -20,22 +24,19 @@ def spec():
     return resolve_model("resnet18", "random")[0]
 
 
-def listing(n):
-    return pa.table({"index": np.arange(n, dtype=np.int64),
-                     "uri": [f"/x/{i:03d}.jpg" for i in range(n)],
-                     "size_bytes": np.arange(n, dtype=np.int64) * 10,
-                     "fingerprint": [f"{i * 10}:mtime:0" for i in range(n)]})
-
-
-def result_batch(indices, fail=()):
+def result_batch(indices, fail=(), value=None):
     n = len(indices)
-    b = {"index": np.asarray(indices, dtype=np.int64),
+    idx = np.asarray(indices, dtype=np.int64)
+    b = {"index": idx,
          "uri": np.array([f"/x/{i:03d}.jpg" for i in indices], dtype=object),
-         "size_bytes": np.asarray(indices, dtype=np.int64) * 10,
+         "fingerprint": np.array([f"{i * 10}:mtime:0" for i in indices], dtype=object),
+         "size_bytes": idx * 10,
          "width": np.full(n, 10, np.int32), "height": np.full(n, 20, np.int32),
-         "embedding": np.tile(np.asarray(indices, np.float32)[:, None], (1, 512)),
+         "embedding": np.tile((idx if value is None else np.full(n, value))
+                              .astype(np.float32)[:, None], (1, 512)),
          "topk_ids": np.tile(np.arange(5, dtype=np.int32), (n, 1)),
-         "topk_scores": np.tile(np.linspace(0.5, 0.1, 5, dtype=np.float32), (n, 1))}
+         "topk_scores": np.tile(np.linspace(0.5, 0.1, 5, dtype=np.float32), (n, 1)),
+         "_t_model": np.full(n, 0.25), "_node_model": np.full(n, "gpu-node", dtype=object)}
     b.update(error_columns(n))
     for j, i in enumerate(indices):
         if i in fail:
@@ -43,51 +44,92 @@ def result_batch(indices, fail=()):
     return b
 
 
-def test_parts_by_index_whatever_the_arrival_order(spec, tmp_path):
-    w = PartWriter(str(tmp_path), units=for_task(spec, "both"), listing=listing(10), rows_per_file=4,
-                   file_metadata={"model": "resnet18"})
-    w.add(result_batch([9, 1, 5]))
-    assert w.stats.data_files == []  # no part complete yet
-    w.add(result_batch([0, 2, 3], fail={2}))
-    assert w.stats.data_files == ["part-00000.parquet"]
-    w.add(result_batch([8, 4, 6, 7]))
-    assert w.missing_indices() == []
-    w.close()
-    assert sorted(w.stats.data_files) == [f"part-0000{i}.parquet" for i in range(3)]
-    t0 = pq.read_table(tmp_path / "part-00000.parquet")
-    assert t0.column("uri").to_pylist() == ["/x/000.jpg", "/x/001.jpg", "/x/003.jpg"]
-    assert t0.schema.field("embedding").type == pa.list_(pa.float32(), 512)
-    assert t0.column("topk_labels")[0].as_py()[0] == spec.categories[0]
-    assert json.loads(t0.schema.metadata[b"resnet_features"]) == {"model": "resnet18"}
-    err = pq.read_table(tmp_path / "_errors" / "part-00000.parquet").to_pylist()
+def test_a_part_is_its_rows_sorted_with_errors_beside_and_a_ledger_fragment(spec, tmp_path):
+    sink = PartSink(str(tmp_path), units=for_task(spec, "both"),
+                    file_metadata={"model": "resnet18"})
+    sink = pickle.loads(pickle.dumps(sink))  # it travels to the write tasks
+    rec = sink(result_batch([3, 1, 2, 0], fail={2}))
+    name = part_name(np.array([0, 1, 2, 3]))
+    assert rec["part"][0] == name == part_name(np.array([3, 2, 1, 0]))  # order-free
+    t = pq.read_table(tmp_path / name)
+    assert t.column("uri").to_pylist() == ["/x/000.jpg", "/x/001.jpg", "/x/003.jpg"]
+    assert t.column("embedding")[2].as_py()[0] == 3.0  # rows stay with their values
+    assert t.schema.field("embedding").type == pa.list_(pa.float32(), 512)
+    assert t.column("topk_labels")[0].as_py()[0] == spec.categories[0]
+    assert json.loads(t.schema.metadata[b"resnet_features"]) == {"model": "resnet18"}
+    err = pq.read_table(tmp_path / "_errors" / name).to_pylist()
     assert err == [{"uri": "/x/002.jpg", "stage": "decode", "error_type": "E", "message": "bad",
                     "size_bytes": 20}]
-    assert (w.stats.succeeded, w.stats.failed) == (9, 1)
-    assert not (tmp_path / "_staging").exists()
+    ledger = pq.read_table(tmp_path / "_ledger" / name).to_pylist()
+    assert [(r["uri"], r["fingerprint"], r["status"], r["file"]) for r in ledger] == [
+        ("/x/000.jpg", "0:mtime:0", "ok", name), ("/x/001.jpg", "10:mtime:0", "ok", name),
+        ("/x/002.jpg", "20:mtime:0", "error", f"_errors/{name}"),
+        ("/x/003.jpg", "30:mtime:0", "ok", name)]
+    assert not os.listdir(tmp_path / "_tmp")  # every file renamed into place
+    # The record is all the driver gets: a few hundred bytes per part, ~9 per input.
+    log = CommitLog(4)
+    records = pa.table(rec)
+    assert log.add(records) == 4
+    assert records.nbytes < 400
+    assert (log.succeeded, log.failed, log.failed_by_stage()) == (3, 1, {"decode": 1})
+    assert log.data_files == [name] and log.error_files == [f"_errors/{name}"]
+    assert log.nodes["model"] == {"gpu-node"} and log.busy_seconds["model"] == 1.0
+    assert log.missing_indices() == []
 
 
-def test_error_rows_carry_the_size_the_reader_found(spec, tmp_path):
-    """Parquet cells and manifest entries are listed with size 0; the reader's size wins."""
-    w = PartWriter(str(tmp_path), units=for_task(spec, "embed"), listing=listing(2), rows_per_file=2,
-                   file_metadata={})
-    batch = result_batch([0, 1], fail={1})
-    batch["size_bytes"] = np.array([0, 12345], dtype=np.int64)
-    w.add(batch)
-    w.close()
-    err = pq.read_table(tmp_path / "_errors" / "part-00000.parquet")
-    assert err.column("size_bytes").to_pylist() == [12345]
+def test_a_retried_write_of_the_same_rows_replaces_its_part(spec, tmp_path):
+    sink = PartSink(str(tmp_path), units=for_task(spec, "embed"), file_metadata={}, attempt=2)
+    log = CommitLog(6)
+    first = pa.table(sink(result_batch([0, 1, 2])))
+    again = pa.table(sink(result_batch([2, 1, 0, 1])))  # a row repeated inside the batch too
+    assert first["part"][0].as_py() == again["part"][0].as_py()
+    assert first["part"][0].as_py().startswith("part-a2-000000000-")
+    log.add(first)
+    log.add(again)
+    assert log.done == 3 and log.parts == [first["part"][0].as_py()]
+    assert log.duplicates_dropped == 4  # 3 from the same-named part, 1 within the batch
+    assert sorted(os.listdir(tmp_path / "_ledger")) == [first["part"][0].as_py()]
+    assert log.missing_indices() == [3, 4, 5]  # never came back: reported, not dropped
 
 
-def test_missing_rows_are_reported_not_dropped(spec, tmp_path):
-    w = PartWriter(str(tmp_path), units=for_task(spec, "embed"), listing=listing(5), rows_per_file=4,
-                   file_metadata={})
-    w.add(result_batch([0, 1, 3, 4]))
-    assert w.missing_indices() == [2]
+def test_carried_columns_follow_the_listing_index(spec, tmp_path):
+    extra = pa.table({"label": ["a", "b", "c"]})
+    w = PartWriter(str(tmp_path), units=for_task(spec, "embed"), n_inputs=3, file_metadata={},
+                   extra=extra)
+    w.add(result_batch([2, 0]))
+    t = pq.read_table(tmp_path / w.log.data_files[0])
+    assert t.column("label").to_pylist() == ["a", "c"]
 
 
 def test_task_decides_columns(spec, tmp_path):
-    w = PartWriter(str(tmp_path), units=for_task(spec, "classify"), listing=listing(2),
-                   rows_per_file=4, file_metadata={})
+    w = PartWriter(str(tmp_path), units=for_task(spec, "classify"), n_inputs=2, file_metadata={})
     w.add(result_batch([0, 1]))
-    names = pq.read_table(tmp_path / "part-00000.parquet").schema.names
+    names = pq.read_table(tmp_path / w.log.data_files[0]).schema.names
     assert names == ["uri", "topk_ids", "topk_labels", "topk_scores", "width", "height"]
+
+
+def test_overlapping_parts_are_made_disjoint_before_anything_counts(spec, tmp_path):
+    """A retry that grouped rows differently commits a second part repeating some inputs: the
+    protocol keeps the bigger part whole and rewrites the other without the repeats, so every
+    input is committed (and published) exactly once, with its error rows."""
+    fs, root = protocol.storage.filesystem(str(tmp_path))
+    layout = protocol.RunLayout(fs, root, "r")
+    layout.start_attempt("fp", fresh=False)
+    w = PartWriter(layout.staging_uri(), units=for_task(spec, "embed"), n_inputs=6,
+                   file_metadata={})
+    w.add(result_batch([0, 1, 2, 3], value=1.0))
+    w.add(result_batch([2, 3, 4], fail={4}, value=2.0))  # repeats 2 and 3
+    w.add(result_batch([3, 5], value=3.0))  # repeats 3 only
+    assert w.log.overlapping_parts == 2 and w.log.missing_indices() == []
+    ledger = layout.reconcile()
+    assert sorted(ledger["uri"].to_pylist()) == [f"/x/{i:03d}.jpg" for i in range(6)]
+    staging = tmp_path / "_staging" / "run=r"
+    rows = pa.concat_tables([pq.read_table(staging / f, columns=["uri", "embedding"])
+                             for f in os.listdir(staging) if f.startswith("part-")])
+    values = {r["uri"]: r["embedding"][0] for r in rows.to_pylist()}
+    assert values == {"/x/000.jpg": 1.0, "/x/001.jpg": 1.0, "/x/002.jpg": 1.0,
+                      "/x/003.jpg": 1.0, "/x/005.jpg": 3.0}
+    errors = [pq.read_table(staging / "_errors" / f).column("uri").to_pylist()
+              for f in os.listdir(staging / "_errors")]
+    assert errors == [["/x/004.jpg"]]
+    assert layout.reconcile().num_rows == 6  # settled: nothing left to rewrite

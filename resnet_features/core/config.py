@@ -85,6 +85,19 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     return options
 
 
+def parse_resources(text: str | None) -> dict[str, float]:
+    """`--model-resources` JSON: resource name -> amount; ConfigError if bad."""
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--model-resources is not valid JSON: {exc}") from None
+    if not isinstance(value, dict) or not all(
+            isinstance(v, (int, float)) and v > 0 for v in value.values()):
+        raise ConfigError("--model-resources must be a JSON object of positive numbers, e.g. "
+                          "'{\"gpu_node\": 1}'")
+    return {str(k): float(v) for k, v in value.items()}
+
+
 def parse_layers(text: str | None) -> tuple[str, ...]:
     """'layer1,layer3' -> ('layer1', 'layer3') in stage order; ConfigError on bad names."""
     names = _comma_list(text)
@@ -176,6 +189,15 @@ class ExtractConfig:
     num_cpus_per_worker: float | None = opt(
         None, help="CPUs reserved by each CPU model actor (default: half its torch threads, so "
         "that decode tasks are scheduled on the other half)", group=EXEC, positive=True)
+    model_resources: dict[str, Any] = opt(
+        help="JSON object of extra Ray resources each model actor reserves, e.g. "
+        "'{\"gpu_node\": 1}' to keep model actors on nodes that advertise that custom "
+        "resource (read, decode and write tasks still run anywhere)", group=EXEC,
+        parse=parse_resources, default_factory=dict)
+    node_loss_timeout: float = opt(
+        120.0, help="seconds the job waits, once no alive node can host a model actor (a lost "
+        "GPU node), before it fails with exit 1 (committed parts stay staged; rerunning "
+        "resumes)", group=EXEC, positive=True)
     decode_batch_size: int = opt(16, help="images per read+decode task call", group=EXEC,
                                  positive=True)
     decode_num_cpus: float = opt(1.0, help="CPUs reserved by each read+decode task", group=EXEC,

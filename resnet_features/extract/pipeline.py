@@ -1,8 +1,10 @@
 """The one module that talks to Ray Data: composes reader, decoder, model and writer into a job.
 
 Flow: listing (driver) -> blocks of URIs -> read+decode CPU tasks (fused) -> model actor pool
-(GPU or CPU) -> results streamed back to the driver's PartWriter -> `_SUCCESS`. Ray's API moves
-between versions (`compute=`/`concurrency=`), so every Ray call stays here.
+(GPU or CPU) -> write tasks (`PartSink`: each encodes, writes and commits its part on the node
+that holds the rows) -> one small record per part back to the driver's `CommitLog` ->
+`_SUCCESS`. No result row reaches the driver. Ray's API moves between versions
+(`compute=`/`concurrency=`), so every Ray call stays here.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from resnet_features.extract.inputs import (
 from resnet_features.extract.inputs.boxes import attach_boxes
 from resnet_features.extract.outputs import build_outputs, units_metadata
 from resnet_features.extract.outputs.grid import geometry_of
-from resnet_features.extract.writer import PartWriter, WriteStats, auto_rows_per_file, now_iso
+from resnet_features.extract.writer import CommitLog, PartSink, auto_rows_per_file, now_iso
 from resnet_features.runs import protocol as runs
 
 __all__ = ["JobResult", "OutputExistsError", "run"]
@@ -81,7 +83,43 @@ class _ModelActor:
         self.runner = runner_cls(spec, state_dict, options, outputs)
 
     def __call__(self, batch):
-        return self.runner(batch)
+        return _stamp(self.runner, batch, "model")
+
+
+def _stamp(fn, batch, stage: str):
+    """Run one stage on a batch and stamp every row with its share of the stage's busy time
+    and the node it ran on (`_t_<stage>`, `_node_<stage>`): the write task sums them per part,
+    so the driver learns per-stage throughput and the nodes that took part."""
+    t0 = time.perf_counter()
+    out = fn(batch)
+    n = len(out["index"])
+    out[f"_t_{stage}"] = np.full(n, (time.perf_counter() - t0) / max(n, 1), dtype=np.float64)
+    out[f"_node_{stage}"] = np.full(n, ray.get_runtime_context().get_node_id(), dtype=object)
+    return out
+
+
+class _Timed:
+    """A stateless stage (read, decode) with `_stamp`."""
+
+    def __init__(self, fn, stage: str):
+        self.fn, self.stage = fn, stage
+
+    def __call__(self, batch):
+        return _stamp(self.fn, batch, self.stage)
+
+
+class _WriteTask:
+    """Ray shell around the Ray-free PartSink: the node id for the record, and the carried
+    input columns (one object-store copy of them, fetched by each write task)."""
+
+    def __init__(self, sink: PartSink, extra_ref: list):
+        self.sink, self.extra_ref = sink, extra_ref
+
+    def __call__(self, batch):
+        os.environ["RESNET_FEATURES_NODE"] = ray.get_runtime_context().get_node_id()
+        if self.extra_ref and self.sink.extra is None:
+            self.sink.extra = ray.get(self.extra_ref[0])
+        return self.sink(batch)
 
 
 class _Background:
@@ -184,10 +222,10 @@ def build_dataset(
         warnings.simplefilter("ignore", RayDeprecationWarning)
         read = ReadBytes(cfg.storage_options, input_format=listing.format,
                          image_column=cfg.image_column)
-        ds = ds.map_batches(read, batch_size=None,
+        ds = ds.map_batches(_Timed(read, "read"), batch_size=None,
                             batch_format="numpy", num_cpus=cfg.decode_num_cpus,
                             max_retries=TASK_RETRIES)
-        ds = ds.map_batches(Decode(spec.preprocessing, decode_options),
+        ds = ds.map_batches(_Timed(Decode(spec.preprocessing, decode_options), "decode"),
                             batch_size=cfg.decode_batch_size, batch_format="numpy",
                             num_cpus=cfg.decode_num_cpus, max_retries=TASK_RETRIES)
         return _map_model(ds, cfg, spec, state_ref, options, outputs, runner_cls,
@@ -234,7 +272,7 @@ def _map_model(ds, cfg, spec, state_ref, options, outputs, runner_cls, n_inputs:
     if gpu:
         size = cfg.concurrency or max(1, int(ray.cluster_resources().get("GPU", 1)
                                                // cfg.num_gpus_per_worker))
-        resources = {"num_gpus": cfg.num_gpus_per_worker, "num_cpus": 1}
+        resources: dict[str, Any] = {"num_gpus": cfg.num_gpus_per_worker, "num_cpus": 1}
     else:
         size, threads, reserve = _cpu_layout(cfg, n_inputs, batch_size, _node_cpus(),
                                              ray.cluster_resources().get("CPU", 1))
@@ -243,6 +281,8 @@ def _map_model(ds, cfg, spec, state_ref, options, outputs, runner_cls, n_inputs:
         options = replace(options, cpu_threads=threads)
         log.info("CPU model actors: %d, reserving %g CPUs each, %d torch threads each",
                  size, reserve, threads)
+    if cfg.model_resources:
+        resources["resources"] = dict(cfg.model_resources)
     return ds.map_batches(
         _ModelActor,
         fn_constructor_kwargs={"runner_cls": runner_cls, "spec": spec, "state_ref": state_ref,
@@ -262,6 +302,128 @@ def _torchvision_version() -> str:
     import torchvision
 
     return torchvision.__version__
+def _write_stage(ds, cfg: ExtractConfig, sink: PartSink, extra_ref: list, rows_per_file: int):
+    """Write tasks after the model: each takes up to `rows_per_file` result rows, writes and
+    commits them as one part on its node, and returns one record. Tasks, not actors: a write
+    holds no state, so Ray may retry it anywhere (its part name is its rows', so a retry
+    replaces the same files), and Ray schedules it where its input blocks are."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        return ds.map_batches(_WriteTask(sink, extra_ref), batch_size=rows_per_file,
+                              batch_format="numpy", num_cpus=cfg.decode_num_cpus,
+                              max_retries=TASK_RETRIES)
+
+
+class ModelNodeLost(RuntimeError):
+    """No alive node can host a model actor any more (exit 1; committed parts stay staged)."""
+
+
+class _ModelNodeWatchdog:
+    """Bounds the wait for model actors that cannot come back: once no alive node has the
+    resources one model actor reserves (the lost node held the only GPU, or the only
+    `--model-resources` node) for `--node-loss-timeout` seconds, the driver is interrupted and
+    the job fails with the reason, instead of waiting for a node that may never return."""
+
+    def __init__(self, cfg: ExtractConfig, device: str, poll: float = 2.0):
+        self.need = dict(cfg.model_resources)
+        if device == "cuda":
+            self.need["GPU"] = cfg.num_gpus_per_worker
+        self.timeout, self.poll = cfg.node_loss_timeout, poll
+        self.reason: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="node-watchdog")
+
+    def _hostable(self) -> bool:
+        return any(n.get("Alive") and all(n["Resources"].get(k, 0) >= v
+                                          for k, v in self.need.items())
+                   for n in ray.nodes())
+
+    def _message(self, waited: float) -> str:
+        return (f"no alive Ray node can host a model actor (each needs {self.need}) after "
+                f"{waited:.0f} s: the node that ran them was lost. Committed parts stay staged; "
+                f"rerun the same command once the cluster has such a node again "
+                f"(--node-loss-timeout sets how long the job waits for one)")
+
+    def lost_reason(self, settle: float = 10.0) -> str | None:
+        """After the pipeline failed: the lost-node reason if no node can host a model actor
+        (waiting up to `settle` s for Ray to mark a killed node dead), else None."""
+        if not self.need:
+            return None
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < settle:
+            try:
+                if not self._hostable():
+                    return self._message(time.monotonic() - t0)
+            except Exception:  # Ray itself is gone: the caller re-raises the original error
+                return None
+            time.sleep(self.poll)
+        return None
+
+    def _watch(self) -> None:
+        lost_since = None
+        while not self._stop.wait(self.poll):
+            if self._hostable():
+                lost_since = None
+                continue
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since >= self.timeout:
+                self.reason = self._message(self.timeout)
+                log.error(self.reason)
+                import _thread
+                _thread.interrupt_main()
+                return
+
+    def __enter__(self):
+        if self.need:  # CPU model actors fit on any node: nothing to watch
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        return False
+
+
+class _Progress:
+    """The driver's periodic line: done/total, images/s over the last interval and overall,
+    and an ETA at the recent rate."""
+
+    def __init__(self, total: int, t0: float, every: float = 10.0):
+        self.total, self.t0, self.every = total, t0, every
+        self.last_t, self.last_done = t0, 0
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last_t < self.every and done < self.total:
+            return
+        recent = (done - self.last_done) / max(now - self.last_t, 1e-9)
+        overall = done / max(now - self.t0, 1e-9)
+        rate = recent or overall
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        log.info("%d/%d images done (%.1f%%): %.1f images/s in the last %.0f s, %.1f overall, "
+                 "ETA %s", done, self.total, 100 * done / max(self.total, 1), recent,
+                 now - self.last_t, overall, _duration(eta))
+        self.last_t, self.last_done = now, done
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "unknown"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+
+
+def _stage_summary(commits: CommitLog, wall: float) -> dict[str, Any]:
+    """Per stage: rows, busy seconds summed over its workers, rows per busy second (one
+    worker's speed) and rows per wall second of the attempt (the stage's share of the run)."""
+    out = {}
+    for stage in ("read", "decode", "model", "write"):
+        busy = commits.busy_seconds.get(stage, 0.0)
+        rows = commits.stage_rows.get(stage, 0)
+        out[stage] = {"rows": rows, "busy_seconds": round(busy, 3),
+                      "rows_per_busy_second": round(rows / busy, 1) if busy > 0 else None,
+                      "rows_per_wall_second": round(rows / wall, 1) if wall > 0 else None}
+    out["write"]["bytes_written"] = commits.bytes_written
+    return out
 
 
 def _noop(cfg: ExtractConfig, finished: dict[str, Any]) -> JobResult:
@@ -379,10 +541,11 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     extra = listing.extra.filter(pa.array(todo)) if listing.extra is not None else None
     log.info("run %s attempt %d: %d of %d listed inputs to compute (%s)", cfg.run_id,
              state.attempt, work.num_rows, table.num_rows, skipped)
-    options, device, missing, bytes_read = None, "none", [], 0
-    stats = WriteStats()
+    options, device, missing = None, "none", []
+    commits = CommitLog(0)
     rows_per_file = cfg.rows_per_file or auto_rows_per_file(units)
     extras = units_metadata(units)
+    work_seconds = 0.0
     if work.num_rows:
         _init_ray()
         device = _resolve_device(cfg)
@@ -399,44 +562,60 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
             "task_fingerprint": task_fp,
             **extras,
         }
-        writer = PartWriter(layout.staging_uri(), units=units, listing=work,
-                            rows_per_file=rows_per_file, file_metadata=file_metadata,
-                            storage_options=cfg.storage_options, attempt=state.attempt,
-                            extra=extra)
+        sink = PartSink(layout.staging_uri(), units=units, file_metadata=file_metadata,
+                        storage_options=cfg.storage_options, attempt=state.attempt,
+                        extra_schema=extra.schema if extra is not None else None)
+        commits = CommitLog(work.num_rows)
         state_ref = [ray.put(state_dict)] if state_dict is not None else []
         if state_ref:
             log.info("the model actors get the weights through the object store: Ray logs an "
                      "error that their constructor arguments are there with max_restarts > 0; "
                      "harmless here, as this driver holds them until the run ends, so a "
                      "restarted actor still finds them")
+        extra_ref = [ray.put(extra)] if extra is not None else []
         ds = build_dataset(cfg, replace(listing, table=work, extra=extra), spec,
                            state_ref, options, units, runner_cls)
-        n, done, last_log = work.num_rows, 0, time.perf_counter()
+        ds = _write_stage(ds, cfg, sink, extra_ref, rows_per_file)
         work_t0 = time.perf_counter()
-        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        progress = _Progress(work.num_rows, work_t0)
+        watchdog = _ModelNodeWatchdog(cfg, device)
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
         try:
-            for batch in batches:
-                bytes_read += int(batch["bytes_read"].sum()) if "bytes_read" in batch else 0
-                writer.add(batch)
-                done += len(batch["index"])
-                if time.perf_counter() - last_log > 10:
-                    last_log = time.perf_counter()
-                    log.info("%d/%d images done (%.1f images/s)", done, n,
-                             done / (last_log - work_t0))
+            with watchdog:
+                for records in batches:
+                    commits.add(records)
+                    progress.update(commits.done)
+        except KeyboardInterrupt:
+            if watchdog.reason is None:
+                raise
+            raise ModelNodeLost(watchdog.reason) from None
+        except Exception as exc:
+            # Ray may give up on the model actors before the watchdog does (their task retries
+            # run out on a dead node): name the cause when it is a lost model node.
+            reason = watchdog.lost_reason()
+            if reason is None:
+                raise
+            raise ModelNodeLost(f"{reason} ({type(exc).__name__}: {exc})") from exc
         finally:
             # On an error (storage down while writing), stop the pipeline and free its actors
             # now; committed parts stay staged and a rerun resumes from them.
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
-        missing = [writer.uris[i] for i in writer.missing_indices()]
-        writer.close()
-        stats = writer.stats
-        skipped["duplicate_rows_dropped"] = writer.duplicates_dropped
-    committed = state.committed
-    reused_ok = int(pc.sum(pc.equal(committed["status"], "ok")).as_py() or 0)
-    succeeded = reused_ok + stats.succeeded
-    failed = committed.num_rows - reused_ok + stats.failed
+        work_seconds = time.perf_counter() - work_t0
+        missing = [work.column("uri")[i].as_py() for i in commits.missing_indices()[:10]]
+        missing_count = len(commits.missing_indices())
+        tmp = storage.join(layout.staging, runs.TMP_DIR)
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+        skipped["duplicate_rows_dropped"] = commits.duplicates_dropped
+    else:
+        missing_count = 0
+    # The committed fragments of every attempt, made disjoint (`RunLayout.reconcile`): the
+    # counts are the ledger's, so they are what gets published.
+    ledger = layout.reconcile()
+    succeeded = int(pc.sum(pc.equal(ledger["status"], "ok")).as_py() or 0)
+    failed = ledger.num_rows - succeeded
     total = succeeded + failed
     elapsed = time.perf_counter() - t0
     summary = {
@@ -445,12 +624,12 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         "inputs": total,
         "listed": table.num_rows,
         "computed": work.num_rows,
-        "reused": committed.num_rows,
+        "reused": state.committed.num_rows,
         "skipped": skipped,
         "succeeded": succeeded,
         "failed": failed,
-        "failed_by_stage": stats.failed_by_stage,
-        "lost": len(missing),
+        "failed_by_stage": commits.failed_by_stage(),
+        "lost": missing_count,
         "model": spec.name,
         "weights": spec.weights_id,
         "weights_arg": cfg.weights,
@@ -472,9 +651,17 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         "skipped_non_image": listing.skipped_non_image,
         "input_format": listing.format,
         "input_objects": listing.sources,
-        "bytes_read": bytes_read,
+        "bytes_read": commits.bytes_read,
         "rows_per_file": rows_per_file,
-        "files_this_attempt": stats.data_files,
+        "files_this_attempt": sorted(commits.data_files),
+        "stages": _stage_summary(commits, work_seconds),
+        "nodes": {stage: sorted(ids) for stage, ids in sorted(commits.nodes.items())},
+        "driver": {"bytes_received": commits.received_bytes,
+                   "bytes_received_per_input": round(commits.received_bytes / work.num_rows, 1)
+                   if work.num_rows else 0.0,
+                   "parts": len(commits.parts),
+                   "node": ray.get_runtime_context().get_node_id()
+                   if ray.is_initialized() else None},
         "versions": {"resnet_features": __version__, "torch": torch.__version__,
                      "torchvision": _torchvision_version(), "ray": ray.__version__,
                      "python": sys.version.split()[0]},
@@ -482,9 +669,9 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         **extras,
     }
     exit_code, reason = 0, "ok"
-    if missing:
+    if missing_count:
         exit_code = 4
-        reason = (f"{len(missing)} inputs never came back from the pipeline (first: "
+        reason = (f"{missing_count} inputs never came back from the pipeline (first: "
                   f"{missing[0]}); this is a bug, please report it. The run stays staged; "
                   f"rerunning the same command recomputes only the missing inputs")
     elif total and failed / total > cfg.max_error_rate:

@@ -10,13 +10,17 @@ Layout under OUTPUT (readers skip `_`-prefixed names, so only published rows are
     run=<id>/_manifest.json        task fingerprint, file list, counts
     run=<id>/_summary.json, _SUCCESS   the summary; `_SUCCESS` is written last
     _staging/run=<id>/             the run while it is computed: parts + `_ledger/<part>`
-                                   fragments (a part counts only once its fragment exists)
+                                   fragments (a part counts only once its fragment exists),
+                                   written by the write tasks on the workers
     _index/task=<fp>/              the compacted ledger of earlier runs (`ledger.py`)
 
 A rerun of an unfinished run resumes: committed parts are kept and their inputs skipped before
 anything enters Ray. Publishing writes the manifest into staging first, then moves files in
 (data, errors, ledger, summary, manifest, `_SUCCESS` last); a publish cut short is finished by
-the next rerun. Ray's own retries give at-least-once delivery; the writer drops repeats.
+the next rerun. Parts are written by tasks on the workers and Ray's retries give at-least-once
+delivery: a repeated part of the same rows has the same name; parts that repeat inputs under
+different names are made disjoint by `RunLayout.reconcile` before an attempt starts and before
+a run is staged, so every input is committed once.
 Reading an output's rows is the catalog's (`catalog.py`). Names of the layout: `layout.py`.
 """
 
@@ -156,14 +160,66 @@ class RunLayout:
         return RunState(attempt=attempt, committed=committed, discarded_files=discarded)
 
     def _committed_ledger(self) -> pa.Table:
+        """The committed fragments, made disjoint first (`reconcile`)."""
+        return self.reconcile()
+
+    def reconcile(self) -> pa.Table:
+        """Merge the committed ledger fragments, and make sure no input is committed twice.
+
+        Parts are written where the rows are, so a retried write that grouped its rows
+        differently commits a second part that repeats some of the first one's inputs. The
+        fragments are taken biggest first, then by name, and the first to hold an input keeps
+        it; a later fragment that repeats inputs is rewritten without them, in this order: its
+        fragment is removed (the part is uncommitted, so a crash here only means recomputing
+        it), its files are rewritten in place without the repeated rows (or removed when
+        nothing is left), then its fragment is written again (committed). The usual case, no
+        repeats, costs one distinct count over the uri column.
+        """
+        fs = self.fs
         folder = storage.join(self.staging, LEDGER_DIR)
-        if not self.fs.exists(folder):
+        if not fs.exists(folder):
             return LEDGER_SCHEMA.empty_table()
-        paths = sorted(p for p in _ls(self.fs, folder)
+        paths = sorted(p for p in _ls(fs, folder)
                        if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"))
-        tables = [_read_parquet(self.fs, p, LEDGER_SCHEMA.names) for p in paths]
-        return pa.concat_tables([t.cast(LEDGER_SCHEMA) for t in tables]) if tables \
-            else LEDGER_SCHEMA.empty_table()
+        tables = [_read_parquet(fs, p, LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA) for p in paths]
+        if not tables:
+            return LEDGER_SCHEMA.empty_table()
+        merged = pa.concat_tables(tables)
+        if pc.count_distinct(merged["uri"]).as_py() == merged.num_rows:
+            return merged
+        seen: set[str] = set()
+        kept = []
+        tmp = storage.join(self.staging, TMP_DIR)
+        # Bigger parts first (fewer rows to rewrite), then by name: the same choice every time.
+        order = sorted(range(len(paths)), key=lambda i: (-tables[i].num_rows, paths[i]))
+        for path, table in ((paths[i], tables[i]) for i in order):
+            uris = table["uri"].to_pylist()
+            keep = np.array([u not in seen for u in uris], dtype=bool)
+            seen.update(uris)
+            if keep.all():
+                kept.append(table)
+                continue
+            log.warning("ledger fragment %s repeats %d inputs of earlier parts (retried work): "
+                        "rewriting its part without them", path.rsplit("/", 1)[-1],
+                        int((~keep).sum()))
+            fs.rm(path)  # uncommitted from here until the fragment is written again
+            left = table.filter(pa.array(keep))
+            dropped = set(table.filter(pa.array(~keep))["uri"].to_pylist())
+            for rel in sorted(set(table["file"].to_pylist())):
+                full = storage.join(self.staging, rel)
+                if not fs.exists(full):
+                    continue
+                data = _read_parquet(fs, full)
+                rest = data.filter(pc.invert(pc.is_in(data["uri"], pa.array(sorted(dropped),
+                                                                             pa.string()))))
+                if rest.num_rows:
+                    storage.atomic_write(fs, full, _parquet_bytes(rest), tmp)
+                else:
+                    fs.rm(full)
+            if left.num_rows:
+                storage.atomic_write(fs, path, _parquet_bytes(left), tmp)
+                kept.append(left)
+        return pa.concat_tables(kept) if kept else LEDGER_SCHEMA.empty_table()
 
     def _drop_uncommitted(self, committed: pa.Table) -> int:
         """Files a dead attempt wrote without committing them (no ledger fragment)."""
@@ -266,6 +322,12 @@ def _now() -> str:
 
 def _read_parquet(fs, path: str, columns: list[str] | None = None, filters=None) -> pa.Table:
     return pq.read_table(path, filesystem=fs, columns=columns, filters=filters)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ class OutputUnit:
 
     def encode(self, rows: dict[str, np.ndarray], stem: str) -> dict[str, pa.Array]:
         """Arrow arrays for the rows of one part (successful rows only, sorted by index);
-        `stem` names the part (`part-00000`)."""
+        `stem` names the part (`part-a0-000000000-1a2b3c4d5e`)."""
         return {}
 
     def side_files(self, rows: dict[str, np.ndarray], stem_of: Callable[[int], str]
