@@ -203,6 +203,8 @@ def test_device_cuda_without_gpus_fails_before_any_work(monkeypatch, tmp_path):
         raise AssertionError("work started before the device check")
 
     monkeypatch.setattr(pipeline, "resolve_model", no_work)
+    monkeypatch.setattr(pipeline, "list_inputs", no_work)
+    (tmp_path / "in").mkdir()  # exists (checked first, one request), never listed
     cfg = make_cfg("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
                    "--device", "cuda")
     with pytest.raises(DeviceError, match="0 GPUs"):
