@@ -76,6 +76,7 @@ def check_exactly_once(out: str, run_id: str, paths: list[str]) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # three ray start nodes and four jobs on 2 cores
 def test_multinode_cluster_writes_on_workers_and_survives_lost_nodes(
         resnet18_weights, ray_local, tmp_path):
     inp = str(tmp_path / "in")
