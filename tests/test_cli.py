@@ -149,6 +149,7 @@ def test_bad_arguments_exit_2_with_a_reason(args, message):
     assert message in res.stderr
 
 
+@pytest.mark.slow  # a CLI subprocess that starts Ray before the weights fail
 def test_missing_input_and_missing_weights_fail_at_start(tmp_path, resnet18_weights):
     res = extract("--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"),
                   "--model", "resnet18", "--weights", resnet18_weights)
@@ -165,6 +166,7 @@ def test_missing_input_and_missing_weights_fail_at_start(tmp_path, resnet18_weig
     assert "--weights" in res.stderr  # says how to provide it
 
 
+@pytest.mark.slow  # a CLI subprocess that starts Ray before the weights fail
 def test_wrong_state_dict_is_refused(tmp_path, few_photos, resnet18_weights):
     res = extract("--input", few_photos, "--output", str(tmp_path / "o"), "--model", "resnet34",
                   "--weights", resnet18_weights)
