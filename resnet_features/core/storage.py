@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import posixpath
+import time
 import uuid
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
-__all__ = ["atomic_write", "filesystem", "full_uri", "join", "json_bytes", "protocol",
+__all__ = ["atomic_write", "filesystem", "full_uri", "join", "json_bytes", "now_iso", "protocol",
            "read_bytes", "read_json", "strip_protocol", "write_json"]
 
 #: HTTP connections per s3fs client. A read task fetches a block of up to 64 objects at once;
@@ -32,6 +33,11 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
         options["config_kwargs"] = config
     fs, path = url_to_fs(uri, **options)
     return fs, path
+
+
+def now_iso() -> str:
+    """UTC now as the timestamps in summaries, manifests and attempts: 2026-12-02T18:00:00Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def strip_protocol(uri: str) -> str:

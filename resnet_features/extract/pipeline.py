@@ -46,7 +46,7 @@ from resnet_features.extract.inputs import (
 from resnet_features.extract.inputs.boxes import attach_boxes
 from resnet_features.extract.outputs import build_outputs, units_metadata
 from resnet_features.extract.outputs.grid import geometry_of
-from resnet_features.extract.writer import CommitLog, PartSink, auto_rows_per_file, now_iso
+from resnet_features.extract.writer import CommitLog, PartSink, auto_rows_per_file
 from resnet_features.runs import protocol as runs
 
 __all__ = ["JobResult", "OutputExistsError", "run"]
@@ -468,7 +468,7 @@ def _select_work(cfg: ExtractConfig, layout: runs.RunLayout, listing: pa.Table,
 def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     """Run (or resume, or finish publishing) one run of the job. Raises on bad
     input/weights/output before any work; a finished run is a no-op unless --overwrite."""
-    started_at, t0 = now_iso(), time.perf_counter()
+    started_at, t0 = storage.now_iso(), time.perf_counter()
     fs, root = storage.filesystem(cfg.output, cfg.storage_options)
     layout = runs.RunLayout(fs, root, cfg.run_id)
     finished = layout.finished_summary()
@@ -643,7 +643,7 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         "input": cfg.input,
         "output": cfg.output,
         "started_at": started_at,
-        "finished_at": now_iso(),
+        "finished_at": storage.now_iso(),
         "elapsed_seconds": round(elapsed, 3),
         "images_per_second": round(work.num_rows / elapsed, 3) if elapsed > 0 else None,
         "listing_seconds": round(listing.seconds, 3),

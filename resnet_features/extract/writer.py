@@ -339,7 +339,3 @@ class PartWriter:
         tmp = storage.join(self.sink.root, TMP_DIR)
         if self.sink.fs.exists(tmp):
             self.sink.fs.rm(tmp, recursive=True)
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -282,7 +282,7 @@ class _IndexWriter:
         self._close_file()
         pointer = {"generation": self.gen, "seq": self.seq, "covers": self.covers,
                    "files": self.files, "entries": self.entries, "format": 1,
-                   "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                   "created_at": storage.now_iso()}
         storage.write_json(self.fs, storage.join(self.dir, INDEX_POINTER), pointer,
                            storage.join(self.dir, TMP_DIR))
         for p in self.fs.ls(self.dir, detail=False):  # older and abandoned generations

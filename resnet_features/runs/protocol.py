@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -316,8 +315,8 @@ class RunLayout:
         return manifest
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+#: When attempts start and runs commit (a module name, so tests can set the clock).
+_now = storage.now_iso
 
 
 def _read_parquet(fs, path: str, columns: list[str] | None = None, filters=None) -> pa.Table:
