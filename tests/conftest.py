@@ -57,6 +57,13 @@ def few_photos(tmp_path_factory) -> str:
     return folder
 
 
+@pytest.fixture()
+def blobs(few_photos) -> dict[str, bytes]:
+    """The bytes of each of `few_photos`' files, by name."""
+    names = sorted(os.listdir(few_photos))
+    return {n: open(os.path.join(few_photos, n), "rb").read() for n in names}
+
+
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("weights"))

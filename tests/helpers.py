@@ -227,3 +227,12 @@ def run_stages(cfg, output: str, *, runner_cls=None, after_listing=None) -> Stag
                     rows=rows.sort_by("uri"),
                     errors=errors.sort_by("uri") if errors is not None else None,
                     output=output)
+
+
+def fetch_listing(listing, **kw) -> dict:
+    """A whole listing through the job's fetch stage (`ReadBytes`), as one batch."""
+    from resnet_features.extract.inputs import ReadBytes
+
+    t = listing.table
+    batch = {k: t.column(k).to_numpy(zero_copy_only=False) for k in t.column_names}
+    return ReadBytes(input_format=listing.format, **kw)(batch)

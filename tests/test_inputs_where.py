@@ -14,23 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import fetch_listing
 
 from resnet_features.core.config import config_from_args, get_args_parser
 from resnet_features.core.errors import ConfigError
 from resnet_features.core.where import parse_where
-from resnet_features.extract.inputs import InputError, InputSpec, ReadBytes, list_inputs
-
-
-def _fetch(listing, **kw):
-    t = listing.table
-    batch = {k: t.column(k).to_numpy(zero_copy_only=False) for k in t.column_names}
-    return ReadBytes(input_format=listing.format, **kw)(batch)
-
-
-@pytest.fixture()
-def blobs(few_photos):
-    names = sorted(os.listdir(few_photos))
-    return {n: open(os.path.join(few_photos, n), "rb").read() for n in names}
+from resnet_features.extract.inputs import InputError, InputSpec, list_inputs
 
 
 def test_where_masks_match_python():
@@ -89,14 +78,14 @@ def test_img2dataset_parquet_with_where(tmp_path, blobs):
     # As it is: the 3 dead URLs (12%) are read errors.
     listing = list_inputs(str(tmp_path), InputSpec(image_column="jpg"))
     assert listing.table.num_rows == 25 and listing.filtered == 0
-    assert sum(s == "read" for s in _fetch(listing, image_column="jpg")["error_stage"]) == 3
+    assert sum(s == "read" for s in fetch_listing(listing, image_column="jpg")["error_stage"]) == 3
     # --where "status = 'success'": the failed rows are never listed; file row numbers kept.
     listing = list_inputs(str(tmp_path), InputSpec(image_column="jpg", keep_columns=("key",),
                                                    where="status = 'success'"))
     assert listing.filtered == 3 and listing.table.num_rows == 22
     assert listing.table.column("offset").to_pylist() == [i for i, _ in good]
     assert listing.extra.column("key").to_pylist() == [f"{i:09d}" for i, _ in good]
-    out = _fetch(listing, image_column="jpg")
+    out = fetch_listing(listing, image_column="jpg")
     assert not any(out["error_stage"])
     assert list(out["bytes"]) == [blobs[n] for _, n in good]
     with pytest.raises(InputError, match="no column.*stat"):
@@ -127,7 +116,7 @@ def test_where_on_manifests_and_refused_elsewhere(tmp_path, blobs, few_photos):
     listing = list_inputs(str(tmp_path / "m.parquet"), InputSpec(
         format="manifest", where=f"bytes >= {limit}"))
     assert listing.table.num_rows == sum(sizes[n] >= limit for n in names)
-    assert list(_fetch(listing)["bytes"]) == [blobs[n] for n in names if sizes[n] >= limit]
+    assert list(fetch_listing(listing)["bytes"]) == [blobs[n] for n in names if sizes[n] >= limit]
     with pytest.raises(InputError, match="--where applies to --input-format"):
         list_inputs(few_photos, InputSpec(where="size < 3"))
 
@@ -273,7 +262,7 @@ def test_inventory_on_s3_agrees_with_a_listing(s3, blobs, tmp_path, fmt):
     listed = list_inputs("s3://src/photos/", InputSpec(), opts)
     for col in ("uri", "size_bytes", "fingerprint"):  # --incremental sees the same inputs
         assert listing.table.column(col).to_pylist() == listed.table.column(col).to_pylist()
-    out = _fetch(listing, storage_options=opts)
+    out = fetch_listing(listing, storage_options=opts)
     assert list(out["bytes"]) == [blobs[n] for n in sorted(blobs)]
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import fetch_listing
 
 from resnet_features.core import vocab
 from resnet_features.extract.inputs import (
@@ -22,18 +23,6 @@ from resnet_features.extract.inputs import (
     list_inputs,
     listing_blocks,
 )
-
-
-def _fetch(listing, **kw):
-    t = listing.table
-    batch = {k: t.column(k).to_numpy(zero_copy_only=False) for k in t.column_names}
-    return ReadBytes(input_format=listing.format, **kw)(batch)
-
-
-@pytest.fixture()
-def blobs(few_photos):
-    names = sorted(os.listdir(few_photos))
-    return {n: open(os.path.join(few_photos, n), "rb").read() for n in names}
 
 
 def _write_tar(path, members, gz=False):
@@ -57,7 +46,7 @@ def test_tar_members_by_range_and_gz(tmp_path, blobs):
     _write_tar(tmp_path / "b.tar.gz", [(n, blobs[n]) for n in names[4:]], gz=True)
     listing = list_inputs(str(tmp_path), InputSpec())
     assert listing.format == "tar" and listing.skipped_non_image == 1
-    out = _fetch(listing)
+    out = fetch_listing(listing)
     got = {u.split("#", 1)[1]: b for u, b in zip(out["uri"], out["bytes"])}
     assert got == {f"../{names[0]}": blobs[names[0]], **{n: blobs[n] for n in names[1:]}}
     assert not any(out["error_stage"])
@@ -71,11 +60,11 @@ def test_truncated_tar_member_and_missing_shard_are_error_rows(tmp_path, blobs):
     listing = list_inputs(str(tmp_path / "a.tar"), InputSpec())
     # The shard is cut inside the second member after listing; then the first one vanishes.
     (tmp_path / "a.tar").write_bytes(data[: 1024 + len(blobs[names[0]]) + 1024])
-    out = _fetch(listing)
+    out = fetch_listing(listing)
     assert list(out["error_stage"]) == ["", "read"]
     assert "truncated" in out["error_message"][1] and out["error_type"][1] == "_Unreadable"
     os.remove(tmp_path / "a.tar")
-    out = _fetch(listing)
+    out = fetch_listing(listing)
     assert list(out["error_stage"]) == ["read", "read"]
     assert set(out["error_type"]) == {"FileNotFoundError"}
 
@@ -109,13 +98,13 @@ def test_manifest_text_csv_and_parquet(tmp_path, blobs, few_photos):
         "# comment\n" + "\n".join(os.path.join(few_photos, n) for n in names[:2]) + "\n\n")
     listing = list_inputs(str(tmp_path / "list.txt"))
     assert listing.format == "manifest" and listing.table.num_rows == 2
-    assert list(_fetch(listing)["bytes"]) == [blobs[n] for n in names[:2]]
+    assert list(fetch_listing(listing)["bytes"]) == [blobs[n] for n in names[:2]]
     os.symlink(few_photos, tmp_path / "photos")
     (tmp_path / "m.csv").write_text("path,label\n" + "".join(
         f"photos/{n},{n.upper()}\n" for n in names) + "photos/missing.jpg,x\n")
     listing = list_inputs(str(tmp_path / "m.csv"), InputSpec(uri_column="path",
                                                             keep_columns=("label",)))
-    out = _fetch(listing)
+    out = fetch_listing(listing)
     assert list(out["bytes"][:-1]) == [blobs[n] for n in names]
     assert out["error_stage"][-1] == "read"
     assert list(out["size_bytes"]) == [len(blobs[n]) for n in names] + [0]  # from the fetch
@@ -183,7 +172,7 @@ def test_tar_listing_long_names_past_big_members(tmp_path, blobs):
                 tf.addfile(info, io.BytesIO(data))
         listing = list_inputs(str(path))
         assert listing.notes["bytes_read"] < 200_000  # headers only, not the 6 MB of .bin
-        out = _fetch(listing)
+        out = fetch_listing(listing)
         got = {u.split("#", 1)[1]: b for u, b in zip(out["uri"], out["bytes"])}
         assert got == {name: data for name, data in members[::2]}
 
