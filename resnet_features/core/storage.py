@@ -6,17 +6,19 @@ including the Parquet ones, goes through an fsspec filesystem object.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
-__all__ = ["atomic_write", "filesystem", "full_uri", "join", "json_bytes", "now_iso", "protocol",
-           "read_bytes", "read_json", "strip_protocol", "write_json"]
+__all__ = ["atomic_open", "atomic_write", "filesystem", "full_uri", "join", "json_bytes",
+           "now_iso", "protocol", "read_bytes", "read_json", "strip_protocol", "write_json"]
 
 #: HTTP connections per s3fs client. A read task fetches a block of up to 64 objects at once;
 #: botocore's default pool of 10 would let only 10 of those requests wait on the store's
@@ -64,18 +66,26 @@ def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes
     return fs.cat_file(path)
 
 
-def atomic_write(fs, path: str, data: bytes, tmp_dir: str) -> None:
-    """Write whole-or-nothing: under a unique name in `tmp_dir`, then renamed into place, so a
-    reader (or a resumed run) never sees half a file. `tmp_dir` should be on the same
-    filesystem and, on local disks, the same device as `path` for the rename to be atomic."""
+@contextlib.contextmanager
+def atomic_open(fs, path: str, tmp_dir: str) -> Iterator[Any]:
+    """`with atomic_open(fs, path, tmp_dir) as f:` write whole-or-nothing: the file is written
+    under a unique name in `tmp_dir`, then renamed into place when the block ends without an
+    error, so a reader (or a resumed run) never sees half a file. `tmp_dir` should be on the
+    same filesystem and, on local disks, the same device as `path` for the rename to be atomic."""
     tmp = join(tmp_dir, uuid.uuid4().hex)
     fs.makedirs(tmp_dir, exist_ok=True)
     parent = path.rsplit("/", 1)[0]
     if parent and parent != path:
         fs.makedirs(parent, exist_ok=True)  # local folders; a no-op on object stores
     with fs.open(tmp, "wb") as f:
-        f.write(data)
+        yield f
     fs.mv(tmp, path)
+
+
+def atomic_write(fs, path: str, data: bytes, tmp_dir: str) -> None:
+    """`data` written whole-or-nothing at `path` (see `atomic_open`)."""
+    with atomic_open(fs, path, tmp_dir) as f:
+        f.write(data)
 
 
 def json_bytes(obj: Any) -> bytes:

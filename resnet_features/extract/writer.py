@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,17 +213,12 @@ class PartSink:
         )
 
     def _write(self, table: pa.Table, relpath: str) -> int:
-        """Whole-or-nothing: under a unique temp name (concurrent retries of one part never
-        share one), then renamed into place. Returns the bytes written."""
-        tmp = storage.join(self.root, TMP_DIR, f"{uuid.uuid4().hex}-{relpath.replace('/', '__')}")
+        """Whole-or-nothing (`storage.atomic_open`: a unique temp name, so concurrent retries
+        of one part never share one, then a rename). Returns the bytes written."""
         final = storage.join(self.root, relpath)
-        self.fs.makedirs(storage.join(self.root, TMP_DIR), exist_ok=True)
-        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-        with self.fs.open(tmp, "wb") as f:
+        with storage.atomic_open(self.fs, final, storage.join(self.root, TMP_DIR)) as f:
             pq.write_table(table, f, compression="zstd", row_group_size=self.row_group_rows)
-            size = f.tell()
-        self.fs.mv(tmp, final)
-        return size
+            return f.tell()
 
 
 @dataclass
