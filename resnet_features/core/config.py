@@ -259,7 +259,8 @@ class ExtractConfig:
         group=MODEL)
     explain_png: bool = opt(
         False, help="with --task explain: also write each image's heatmap over its model input "
-        "crop as OUTPUT/_explain_png/part-NNNNN/<index>.png (column explain_png)", group=MODEL)
+        "crop as OUTPUT/run=<run-id>/_explain_png/<part>/<index>.png (column explain_png: the "
+        "path relative to the run folder)", group=MODEL)
     run_id: str = opt(
         "default", help="name of this run; rows go to OUTPUT/run=<run-id>/ (default: today's "
         "UTC date, YYYY-MM-DD; with --retry-errors: <RUN_ID>-retry)", group=RUNS,

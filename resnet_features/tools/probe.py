@@ -279,7 +279,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-
     if not 0 < args.val_fraction < 1:
         parser.error("--val-fraction must be within (0, 1)")
     if args.hidden < 0 or args.epochs <= 0:
