@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import sys
@@ -16,6 +17,10 @@ log = logging.getLogger("resnet_features")
 
 #: The last stderr line of a failed run: committed parts stay staged, so a rerun resumes.
 RESUME_HINT = "rerun the same command to resume from the committed parts"
+
+#: Once the job failed because its model node is gone: the most seconds this process may take
+#: to report and exit (Ray's shutdown at exit talks to the damaged cluster) before it is ended.
+EXIT_GRACE_SECONDS = 60
 
 
 def _apply_demo(args) -> None:
@@ -80,7 +85,14 @@ def _run(parser, args) -> int:
         raise
     from resnet_features.extract import pipeline  # imports Ray: after validation
 
-    result = pipeline.run(cfg)
+    try:
+        result = pipeline.run(cfg)
+    except pipeline.ModelNodeLost:
+        # Bound the exit too: if the process still runs EXIT_GRACE_SECONDS from now,
+        # faulthandler prints every thread's stack and ends it with exit 1 (nothing more needs
+        # writing: committed parts are durable, and a rerun resumes from them).
+        faulthandler.dump_traceback_later(EXIT_GRACE_SECONDS, exit=True)
+        raise
     if result.summary.get("noop"):
         print(f"NO-OP: {result.reason}")
         return 0

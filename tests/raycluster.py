@@ -97,6 +97,7 @@ class Node:
     proc: subprocess.Popen
     log: object
     alive: bool = True
+    node_id: str | None = None  # Ray's id for it (worker nodes, once joined)
 
     def descendants(self) -> list:
         """Every process the node started. Its raylet and agents share the node's process
@@ -146,7 +147,7 @@ class Cluster:
     def add_worker(self, name: str, *, num_cpus: float = 1,
                    resources: dict[str, float] | None = None, timeout: float = 120) -> Node:
         """Start a worker node that joins the head; wait until the cluster counts it."""
-        before = self.alive_nodes()
+        before = self.alive_node_ids()
         cmd = [os.path.join(BIN, "ray"), "start", f"--address={self.gcs}", "--block",
                f"--num-cpus={num_cpus}", "--num-gpus=0",
                f"--object-store-memory={SMALL_OBJECT_STORE}",
@@ -160,22 +161,26 @@ class Cluster:
         node = _spawn(name, cmd, self.env)
         self.nodes[name] = node
         deadline = time.time() + timeout
-        while self.alive_nodes() <= before:
+        while not (new := self.alive_node_ids() - before):
             if node.proc.poll() is not None:
                 raise RuntimeError(f"ray start ({name}) exited:\n{node.output()}")
             if time.time() > deadline:
                 raise TimeoutError(f"worker node {name} did not join in {timeout:.0f} s")
             time.sleep(1)
+        node.node_id = new.pop()
         return node
 
-    def alive_nodes(self) -> int:
-        """Alive nodes, as the GCS sees them (`ray status` would need the autoscaler)."""
+    def alive_node_ids(self) -> set[str]:
+        """Ray ids of the alive nodes, as the GCS sees them (`ray status` would need the
+        autoscaler)."""
         out = subprocess.run(
             [sys.executable, "-c",
              "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-             "print(sum(1 for n in ray.nodes() if n['Alive']))", self.gcs],
+             "print(','.join(n['NodeID'] for n in ray.nodes() if n['Alive']))", self.gcs],
             capture_output=True, text=True, env=self.env, timeout=120)
-        return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
+        if out.returncode != 0 or not out.stdout.strip():
+            return set()
+        return set(filter(None, out.stdout.strip().splitlines()[-1].split(",")))
 
 
 def _kill_all(procs: list) -> None:

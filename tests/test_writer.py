@@ -77,6 +77,26 @@ def test_a_part_is_its_rows_sorted_with_errors_beside_and_a_ledger_fragment(spec
     assert log.missing_indices() == []
 
 
+def test_each_part_names_the_node_that_wrote_it(spec, tmp_path):
+    """The pipeline's write task sets the sink's node (its Ray node id): the data and error
+    files of each part carry it as `writer_node` beside the run's metadata, and the record as
+    `node_write`; the ledger fragment is the commit, not a data file, and does not."""
+    sink = PartSink(str(tmp_path), units=for_task(spec, "embed"),
+                    file_metadata={"model": "resnet18"})
+    sink = pickle.loads(pickle.dumps(sink))
+    sink.node = "a1" * 28
+    rec = sink(result_batch([0, 1], fail={1}))
+    name = rec["part"][0]
+    for rel in (name, f"_errors/{name}"):
+        meta = pq.read_schema(tmp_path / rel).metadata[b"resnet_features"]
+        assert json.loads(meta) == {"model": "resnet18", "writer_node": "a1" * 28}, rel
+    assert rec["node_write"][0] == "a1" * 28
+    sink.node = "b2" * 28  # the next task ran elsewhere
+    rec = sink(result_batch([2]))
+    meta = pq.read_schema(tmp_path / rec["part"][0]).metadata[b"resnet_features"]
+    assert json.loads(meta)["writer_node"] == "b2" * 28
+
+
 def test_a_retried_write_of_the_same_rows_replaces_its_part(spec, tmp_path):
     sink = PartSink(str(tmp_path), units=for_task(spec, "embed"), file_metadata={}, attempt=2)
     log = CommitLog(6)

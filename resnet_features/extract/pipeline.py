@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import sys
 import threading
@@ -109,14 +110,15 @@ class _Timed:
 
 
 class _WriteTask:
-    """Ray shell around the Ray-free PartSink: the node id for the record, and the carried
-    input columns (one object-store copy of them, fetched by each write task)."""
+    """Ray shell around the Ray-free PartSink: the node id (for the record and each part's
+    file metadata), and the carried input columns (one object-store copy of them, fetched by
+    each write task)."""
 
     def __init__(self, sink: PartSink, extra_ref: list):
         self.sink, self.extra_ref = sink, extra_ref
 
     def __call__(self, batch):
-        os.environ["RESNET_FEATURES_NODE"] = ray.get_runtime_context().get_node_id()
+        self.sink.node = ray.get_runtime_context().get_node_id()
         if self.extra_ref and self.sink.extra is None:
             self.sink.extra = ray.get(self.extra_ref[0])
         return self.sink(batch)
@@ -321,8 +323,9 @@ class ModelNodeLost(RuntimeError):
 class _ModelNodeWatchdog:
     """Bounds the wait for model actors that cannot come back: once no alive node has the
     resources one model actor reserves (the lost node held the only GPU, or the only
-    `--model-resources` node) for `--node-loss-timeout` seconds, the driver is interrupted and
-    the job fails with the reason, instead of waiting for a node that may never return."""
+    `--model-resources` node) for `--node-loss-timeout` seconds, it sets `reason`, naming the
+    lost node(s); the driver's loop (`_drain`) then stops the pipeline and fails, instead of
+    waiting for a node that may never return."""
 
     def __init__(self, cfg: ExtractConfig, device: str, poll: float = 2.0):
         self.need = dict(cfg.model_resources)
@@ -330,23 +333,30 @@ class _ModelNodeWatchdog:
             self.need["GPU"] = cfg.num_gpus_per_worker
         self.timeout, self.poll = cfg.node_loss_timeout, poll
         self.reason: str | None = None
+        self.hosts: dict[str, str] = {}  # node id -> address: every node seen fit for a model
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True, name="node-watchdog")
 
     def _hostable(self) -> bool:
-        return any(n.get("Alive") and all(n["Resources"].get(k, 0) >= v
-                                          for k, v in self.need.items())
-                   for n in ray.nodes())
+        alive = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes()
+                 if n.get("Alive") and all(n["Resources"].get(k, 0) >= v
+                                           for k, v in self.need.items())}
+        self.hosts.update(alive)
+        return bool(alive)
 
     def _message(self, waited: float) -> str:
+        lost = ", ".join(f"{node} ({addr})" for node, addr in sorted(self.hosts.items()))
         return (f"no alive Ray node can host a model actor (each needs {self.need}) after "
-                f"{waited:.0f} s: the node that ran them was lost. Committed parts stay staged; "
-                f"rerun the same command once the cluster has such a node again "
-                f"(--node-loss-timeout sets how long the job waits for one)")
+                f"{waited:.0f} s: the model node that ran them was lost "
+                f"({'node ' + lost if lost else 'no such node was seen during this run'}). "
+                f"Committed parts stay staged; rerun the same command once the cluster has "
+                f"such a node again (--node-loss-timeout sets how long the job waits for one)")
 
     def lost_reason(self, settle: float = 10.0) -> str | None:
         """After the pipeline failed: the lost-node reason if no node can host a model actor
         (waiting up to `settle` s for Ray to mark a killed node dead), else None."""
+        if self.reason is not None:
+            return self.reason
         if not self.need:
             return None
         t0 = time.monotonic()
@@ -362,15 +372,19 @@ class _ModelNodeWatchdog:
     def _watch(self) -> None:
         lost_since = None
         while not self._stop.wait(self.poll):
-            if self._hostable():
+            try:
+                hostable = self._hostable()
+            except Exception as exc:  # noqa: BLE001 - the GCS did not answer: ask again
+                log.warning("the node watchdog could not list Ray's nodes (%s: %s)",
+                            type(exc).__name__, exc)
+                continue
+            if hostable:
                 lost_since = None
                 continue
             lost_since = lost_since or time.monotonic()
             if time.monotonic() - lost_since >= self.timeout:
                 self.reason = self._message(self.timeout)
                 log.error(self.reason)
-                import _thread
-                _thread.interrupt_main()
                 return
 
     def __enter__(self):
@@ -381,6 +395,100 @@ class _ModelNodeWatchdog:
     def __exit__(self, *exc):
         self._stop.set()
         return False
+
+
+#: Seconds the driver waits at a time for the pipeline's next records before it looks at the
+#: watchdog again; and how long it gives the reading thread to stop once the run has failed.
+DRAIN_POLL = 1.0
+DRAIN_STOP_WAIT = 10.0
+
+
+def _drain(batches: Callable[[], Any], watchdog: _ModelNodeWatchdog,
+           take: Callable[[Any], None], shutdown: Callable[[], None] = lambda: None) -> None:
+    """Feed every item of `batches()` to `take`, on this thread, in order; fail with
+    ModelNodeLost within DRAIN_POLL s of the watchdog's verdict.
+
+    Ray Data's iterator cannot be waited on with a timeout: between batches the thread that
+    iterates it sits in a `queue.Queue.get()` without one (`iter_threaded`), and neither
+    `_thread.interrupt_main` nor a KeyboardInterrupt wakes it (they raise only once that
+    thread runs Python code again, i.e. once a batch comes). When the only model node is
+    lost, no batch ever comes, so a driver that iterates Ray's iterator itself can wait
+    forever. So a daemon thread iterates it and this thread waits on a queue of its own,
+    with a timeout.
+    On any way out other than the end of the data, `shutdown` stops Ray's executor (so the
+    reading thread's wait ends) and the reading thread closes the iterator; committed parts
+    are durable as they are, so nothing else needs writing for a rerun to resume.
+    """
+    items: queue.Queue = queue.Queue(maxsize=4)
+    stop = threading.Event()
+    end = object()
+
+    def offer(item: Any) -> None:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=DRAIN_POLL)
+                return
+            except queue.Full:
+                continue
+
+    def pump() -> None:
+        it = None
+        try:
+            it = iter(batches())
+            for item in it:
+                offer(item)
+                if stop.is_set():
+                    return
+            offer(end)
+        except BaseException as exc:  # noqa: BLE001 - handed to the driver's thread
+            offer(exc)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    reader = threading.Thread(target=pump, daemon=True, name="drain-batches")
+    reader.start()
+    finished = False
+    try:
+        while True:
+            if watchdog.reason is not None:
+                raise ModelNodeLost(watchdog.reason)
+            try:
+                item = items.get(timeout=DRAIN_POLL)
+            except queue.Empty:
+                continue
+            if item is end:
+                finished = True
+                return
+            if isinstance(item, BaseException):
+                raise item
+            take(item)
+    finally:
+        stop.set()
+        if not finished:
+            shutdown()
+            reader.join(DRAIN_STOP_WAIT)
+            if reader.is_alive():
+                log.warning("the thread reading Ray's pipeline did not stop within %g s; "
+                            "leaving it to the process exit", DRAIN_STOP_WAIT)
+
+
+def _shutdown_executor(ds: ray.data.Dataset) -> None:
+    """Stop the streaming executor behind `ds.iter_batches` now (its tasks, actors and
+    scheduling thread), so that a reader waiting on it returns. Ray Data has no public handle
+    for it: the Dataset keeps it once the first batch is out (`_current_executor`, what Ray
+    Data's own cleanup uses), and before that it is the thread Ray names after the dataset."""
+    name = f"StreamingExecutor-{ds.get_dataset_id()}"
+    executors = {id(e): e for e in [getattr(ds, "_current_executor", None),
+                                    *(t for t in threading.enumerate() if t.name == name)]
+                 if callable(getattr(e, "shutdown", None))}
+    for executor in executors.values():
+        try:
+            executor.shutdown(force=True)
+        except Exception as exc:  # noqa: BLE001 - already failing: the first error is the one
+            log.warning("stopping Ray Data's executor failed (%s: %s)", type(exc).__name__,
+                        exc)
 
 
 class _Progress:
@@ -579,16 +687,19 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         work_t0 = time.perf_counter()
         progress = _Progress(work.num_rows, work_t0)
         watchdog = _ModelNodeWatchdog(cfg, device)
-        batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+        def take(records: pa.Table) -> None:
+            commits.add(records)
+            progress.update(commits.done)
+
         try:
             with watchdog:
-                for records in batches:
-                    commits.add(records)
-                    progress.update(commits.done)
-        except KeyboardInterrupt:
-            if watchdog.reason is None:
-                raise
-            raise ModelNodeLost(watchdog.reason) from None
+                # On an error (storage down while writing, a lost node), the pipeline stops
+                # and frees its actors now; committed parts stay staged and a rerun resumes.
+                _drain(lambda: ds.iter_batches(batch_size=None, batch_format="pyarrow"),
+                       watchdog, take, shutdown=lambda: _shutdown_executor(ds))
+        except ModelNodeLost:
+            raise
         except Exception as exc:
             # Ray may give up on the model actors before the watchdog does (their task retries
             # run out on a dead node): name the cause when it is a lost model node.
@@ -596,12 +707,6 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
             if reason is None:
                 raise
             raise ModelNodeLost(f"{reason} ({type(exc).__name__}: {exc})") from exc
-        finally:
-            # On an error (storage down while writing), stop the pipeline and free its actors
-            # now; committed parts stay staged and a rerun resumes from them.
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
         work_seconds = time.perf_counter() - work_t0
         missing = [work.column("uri")[i].as_py() for i in commits.missing_indices()[:10]]
         missing_count = len(commits.missing_indices())

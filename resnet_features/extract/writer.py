@@ -85,18 +85,15 @@ def part_name(indices: np.ndarray, attempt: int = 0) -> str:
     return f"part-a{attempt}-{first:09d}-{digest}.parquet"
 
 
-def _node_id() -> str:
-    """The Ray node this process runs on (set by the pipeline's shells), else the host."""
-    return os.environ.get("RESNET_FEATURES_NODE") or os.uname().nodename
-
-
 class PartSink:
     """Writes one batch of result rows as one committed part and returns its record (Ray-free;
     the pipeline runs it as write tasks on the workers, tests and benchmarks call it directly).
 
     `output_uri` is the run's staging folder; `attempt` numbers the resumed attempts of a run
     so that their parts never collide with the parts a dead attempt committed. `extra` holds
-    the carried input columns (--id-column/--keep-columns), row i = listing index i.
+    the carried input columns (--id-column/--keep-columns), row i = listing index i. `node`
+    is the Ray node id of the process that writes (set by the pipeline's write task): each
+    part's file metadata names it as `writer_node`, and its record as `node_write`.
     """
 
     def __init__(self, output_uri: str, *, units: tuple[OutputUnit, ...],
@@ -107,11 +104,13 @@ class PartSink:
         self.attempt = attempt
         self.units = tuple(units)
         self.row_group_rows = auto_row_group_rows(self.units)
-        meta = {"resnet_features": json.dumps(file_metadata, sort_keys=True)}
+        self.file_metadata = dict(file_metadata)
+        meta = {"resnet_features": json.dumps(self.file_metadata, sort_keys=True)}
         self.schema = output_schema(self.units, meta, carried=extra_schema)
         self.error_schema = ERROR_SCHEMA.with_metadata(meta)
         self.transient = tuple(c for u in self.units for c in u.transient)
         self.extra: pa.Table | None = None  # set before the first call when extra_schema is
+        self.node: str | None = None
         self._fs = None
 
     def __getstate__(self):
@@ -176,7 +175,8 @@ class PartSink:
             "rows": len(index), "duplicates": duplicates,
             "bytes_written": written,
             "bytes_read": int(np.sum(rows["bytes_read"])) if "bytes_read" in rows else 0,
-            "write_seconds": time.perf_counter() - t0, "node_write": _node_id(),
+            "write_seconds": time.perf_counter() - t0,
+            "node_write": self.node or os.uname().nodename,
         }
         for stage in RECORD_STAGES:
             t = rows.get(f"_t_{stage}")
@@ -197,10 +197,18 @@ class PartSink:
             taken = self.extra.take(pa.array(rows["index"].astype(np.int64)))
             for col in taken.column_names:
                 cols[col] = taken.column(col).combine_chunks()
-        return pa.Table.from_pydict(cols, schema=self.schema)
+        return self._stamped(pa.Table.from_pydict(cols, schema=self.schema))
+
+    def _stamped(self, table: pa.Table) -> pa.Table:
+        """The part's own file metadata: the run's, plus the node that wrote it."""
+        if self.node is None:
+            return table
+        meta = json.dumps({**self.file_metadata, "writer_node": self.node}, sort_keys=True)
+        return table.replace_schema_metadata({**table.schema.metadata,
+                                              b"resnet_features": meta.encode()})
 
     def _errors_table(self, rows: dict[str, np.ndarray]) -> pa.Table:
-        return pa.Table.from_pydict(
+        return self._stamped(pa.Table.from_pydict(
             {
                 "uri": rows["uri"].astype(str).tolist(),
                 "stage": rows["error_stage"].astype(str).tolist(),
@@ -210,7 +218,7 @@ class PartSink:
                 "size_bytes": rows["size_bytes"].astype(np.int64),
             },
             schema=self.error_schema,
-        )
+        ))
 
     def _write(self, table: pa.Table, relpath: str) -> int:
         """Whole-or-nothing (`storage.atomic_open`: a unique temp name, so concurrent retries
