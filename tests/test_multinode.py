@@ -8,7 +8,8 @@ that parts are written on worker nodes, never the driver's (the summary's nodes,
 part's own file metadata), that the output equals a single-node run's row for row, and what
 happens when a node is lost mid-run: the CPU node (Ray reschedules its tasks); and the only
 model node (the job fails soon after --node-loss-timeout, naming the lost node, and a rerun on
-a new model node resumes).
+a new model node resumes; its own test, out of the default run for its cost: two more jobs on a
+cluster of its own, 5-6 min on the loaded 2-core machine; `-m lost_model_node` runs it).
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def test_multinode_cluster_writes_on_workers_and_survives_lost_nodes(
 
 
 @pytest.mark.slow
+@pytest.mark.lost_model_node  # not in the default run (its cost): see pyproject's addopts
 @pytest.mark.timeout(900)
 def test_lost_only_model_node_fails_in_bounded_time_and_resumes(resnet18_weights, tmp_path):
     """The only model node is lost mid-run: no model actor can come back, so the job fails
@@ -173,6 +175,7 @@ def test_lost_only_model_node_fails_in_bounded_time_and_resumes(resnet18_weights
         code, log = finish(job, timeout=300)
         elapsed = time.time() - t0
         print(f"model node lost: the job exited {code} {elapsed:.0f} s after the kill")
+        print("\n".join(line for line in log.splitlines() if "model actor" in line))
         assert code == 1 and "no alive Ray node can host a model actor" in log, log[-4000:]
         assert f"node {model.node_id}" in log, log[-4000:]  # names the lost node
         # The bound: Ray's few seconds to mark the node dead, --node-loss-timeout, a poll of
@@ -222,6 +225,27 @@ def test_the_wait_for_a_lost_model_node_is_bounded(monkeypatch):
     plain = config_from_args(get_args_parser().parse_args(["--input", "x", "--output", "y"]))
     assert pipeline._ModelNodeWatchdog(plain, "cpu").need == {}
     assert pipeline._ModelNodeWatchdog(plain, "cuda").need == {"GPU": 1.0}
+
+
+def test_a_ray_error_waits_for_the_node_verdict_before_naming_the_cause(monkeypatch):
+    """Ray's actors can fail (raylet unreachable) before the GCS marks their node dead: after
+    such an error the driver waits for that verdict and then names the lost node; after any
+    other error, with the node alive, it does not wait."""
+    import threading
+
+    import ray.exceptions
+
+    nodes, watchdog = _lost_node_setup(monkeypatch)
+    t0 = time.monotonic()
+    assert watchdog.lost_reason(OSError("storage down"), settle=30) is None
+    assert time.monotonic() - t0 < 1
+    threading.Timer(0.5, lambda: nodes[0].update(Alive=False)).start()
+    try:
+        raise RuntimeError("Ray Data gave up") from ray.exceptions.ActorUnavailableError("x",
+                                                                                       None)
+    except RuntimeError as exc:
+        reason = watchdog.lost_reason(exc, settle=30)
+    assert f"node {'f00dcafe' * 7} (10.0.0.7)" in reason and time.monotonic() - t0 < 5
 
 
 def test_the_driver_fails_in_bounded_time_while_ray_blocks(monkeypatch):

@@ -316,6 +316,15 @@ def _write_stage(ds, cfg: ExtractConfig, sink: PartSink, extra_ref: list, rows_p
                               max_retries=TASK_RETRIES)
 
 
+#: Ray's errors that a lost node causes (an actor, a worker or an object on it gone).
+NODE_LOSS_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError,
+                    ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError)
+
+#: Most seconds the driver waits, after such an error, for the GCS to mark a killed node dead
+#: (its health checks: a few seconds apart, five misses) before it names the cause.
+NODE_DEATH_SETTLE = 60.0
+
+
 class ModelNodeLost(RuntimeError):
     """No alive node can host a model actor any more (exit 1; committed parts stay staged)."""
 
@@ -344,30 +353,41 @@ class _ModelNodeWatchdog:
         self.hosts.update(alive)
         return bool(alive)
 
-    def _message(self, waited: float) -> str:
+    def _message(self, when: str) -> str:
         lost = ", ".join(f"{node} ({addr})" for node, addr in sorted(self.hosts.items()))
-        return (f"no alive Ray node can host a model actor (each needs {self.need}) after "
-                f"{waited:.0f} s: the model node that ran them was lost "
+        return (f"no alive Ray node can host a model actor (each needs {self.need}) {when}: "
+                f"the model node that ran them was lost "
                 f"({'node ' + lost if lost else 'no such node was seen during this run'}). "
                 f"Committed parts stay staged; rerun the same command once the cluster has "
                 f"such a node again (--node-loss-timeout sets how long the job waits for one)")
 
-    def lost_reason(self, settle: float = 10.0) -> str | None:
-        """After the pipeline failed: the lost-node reason if no node can host a model actor
-        (waiting up to `settle` s for Ray to mark a killed node dead), else None."""
+    def lost_reason(self, error: BaseException, settle: float = NODE_DEATH_SETTLE
+                    ) -> str | None:
+        """After the pipeline failed with `error`: the lost-node reason if no node can host a
+        model actor, else None. Ray's actors can fail (their node's raylet is unreachable)
+        before the GCS marks the node dead (its health checks take ~15-30 s), so after an
+        error a lost node causes, this waits up to `settle` s for that verdict."""
         if self.reason is not None:
             return self.reason
         if not self.need:
             return None
+        chain, e = [], error
+        while e is not None and len(chain) < 10:
+            chain.append(e)
+            e = e.__cause__ or e.__context__
+        if not any(isinstance(e, NODE_LOSS_ERRORS) for e in chain):
+            settle = 0.0
         t0 = time.monotonic()
-        while time.monotonic() - t0 < settle:
+        while True:
             try:
                 if not self._hostable():
-                    return self._message(time.monotonic() - t0)
+                    return self._message(f"{time.monotonic() - t0:.0f} s after the pipeline "
+                                         f"failed")
             except Exception:  # Ray itself is gone: the caller re-raises the original error
                 return None
+            if time.monotonic() - t0 >= settle:
+                return None
             time.sleep(self.poll)
-        return None
 
     def _watch(self) -> None:
         lost_since = None
@@ -383,7 +403,7 @@ class _ModelNodeWatchdog:
                 continue
             lost_since = lost_since or time.monotonic()
             if time.monotonic() - lost_since >= self.timeout:
-                self.reason = self._message(self.timeout)
+                self.reason = self._message(f"for {self.timeout:g} s (--node-loss-timeout)")
                 log.error(self.reason)
                 return
 
@@ -703,7 +723,7 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         except Exception as exc:
             # Ray may give up on the model actors before the watchdog does (their task retries
             # run out on a dead node): name the cause when it is a lost model node.
-            reason = watchdog.lost_reason()
+            reason = watchdog.lost_reason(exc)
             if reason is None:
                 raise
             raise ModelNodeLost(f"{reason} ({type(exc).__name__}: {exc})") from exc
