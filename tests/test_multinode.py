@@ -61,13 +61,34 @@ def rows(out: str):
     return pads.dataset(out, format="parquet", partitioning="hive").to_table().sort_by("uri")
 
 
-def wait_for_commit(staging: str, timeout: float = 300) -> None:
-    """Until the first part of a run is committed: images are in flight from then on."""
+def cluster_state(cluster) -> str:
+    """What the cluster looks like now: for a failure message."""
+    alive = cluster.alive_node_ids()
+    lines = [f"alive node ids: {sorted(alive)}"]
+    for node in cluster.nodes.values():
+        lines.append(f"{node.name}: id {node.node_id}, `ray start` "
+                     f"{'running' if node.proc.poll() is None else 'exited'}, "
+                     f"{'alive' if node.node_id in alive else 'not alive'} in the GCS")
+        if node.proc.poll() is not None and node.alive:
+            lines.append(node.output()[-2000:])
+    return "\n".join(lines)
+
+
+def wait_for_commit(staging: str, job: subprocess.Popen, cluster, timeout: float = 420) -> None:
+    """Until the first part of a run is committed: images are in flight from then on. Fails
+    with the job's log and the cluster's state if the job ends first, or if no part comes
+    within `timeout` s."""
     ledger = os.path.join(staging, "_ledger")
     deadline = time.time() + timeout
     while not (os.path.isdir(ledger) and os.listdir(ledger)):
+        if job.poll() is not None:
+            raise AssertionError(f"the job ended (exit {job.returncode}) before it committed "
+                                 f"a part:\n{job.communicate()[0][-6000:]}\n"
+                                 f"{cluster_state(cluster)}")
         if time.time() > deadline:
-            raise TimeoutError("no part was committed")
+            job.kill()  # the `ray job submit` client; the cluster's teardown ends the job
+            raise TimeoutError(f"no part was committed in {timeout:.0f} s; the job's log:\n"
+                               f"{job.communicate()[0][-6000:]}\n{cluster_state(cluster)}")
         time.sleep(0.2)
 
 
@@ -143,7 +164,7 @@ def test_multinode_cluster_writes_on_workers_and_survives_lost_nodes(
         # workers die at once. Ray reschedules its tasks on the model node, or the job fails
         # and the rerun resumes from the committed parts; either way every input once.
         job = submit(cluster, job_args(inp, out, resnet18_weights, "cpu-lost", *CLUSTER_FLAGS))
-        wait_for_commit(os.path.join(staging, "run=cpu-lost"))
+        wait_for_commit(os.path.join(staging, "run=cpu-lost"), job, cluster)
         cpu.kill()
         code, log = finish(job)
         print(f"CPU node lost mid-run: job exit {code}")
@@ -156,7 +177,7 @@ def test_multinode_cluster_writes_on_workers_and_survives_lost_nodes(
 
 @pytest.mark.slow
 @pytest.mark.lost_model_node  # not in the default run (its cost): see pyproject's addopts
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_lost_only_model_node_fails_in_bounded_time_and_resumes(resnet18_weights, tmp_path):
     """The only model node is lost mid-run: no model actor can come back, so the job fails
     soon after --node-loss-timeout, naming the lost node, with its committed parts kept; a
@@ -169,7 +190,7 @@ def test_lost_only_model_node_fails_in_bounded_time_and_resumes(resnet18_weights
         model = cluster.add_worker("model", num_cpus=1, resources={"model_node": 1})
         cluster.add_worker("cpu", num_cpus=1)
         job = submit(cluster, job_args(inp, out, resnet18_weights, "model-lost", *CLUSTER_FLAGS))
-        wait_for_commit(os.path.join(staging, "run=model-lost"))
+        wait_for_commit(os.path.join(staging, "run=model-lost"), job, cluster)
         model.kill()
         t0 = time.time()
         code, log = finish(job, timeout=300)
