@@ -242,6 +242,11 @@ def test_the_wait_for_a_lost_model_node_is_bounded(monkeypatch):
     assert "no alive Ray node can host a model actor" in watchdog.reason
     assert f"node {'f00dcafe' * 7} (10.0.0.7)" in watchdog.reason
     assert time.monotonic() - t0 < 5
+    # A node table that does not show the driver's own node alive is no answer.
+    watchdog.own_node = "driver"
+    assert watchdog._hostable() is None
+    nodes.append({"NodeID": "driver", "Alive": True, "Resources": {"CPU": 0.0}})
+    assert watchdog._hostable() is False
     # CPU model actors without --model-resources fit on any node: nothing to watch.
     plain = config_from_args(get_args_parser().parse_args(["--input", "x", "--output", "y"]))
     assert pipeline._ModelNodeWatchdog(plain, "cpu").need == {}

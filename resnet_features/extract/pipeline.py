@@ -336,21 +336,34 @@ class _ModelNodeWatchdog:
     lost node(s); the driver's loop (`_drain`) then stops the pipeline and fails, instead of
     waiting for a node that may never return."""
 
-    def __init__(self, cfg: ExtractConfig, device: str, poll: float = 2.0):
+    def __init__(self, cfg: ExtractConfig, device: str, poll: float = 2.0,
+                 own_node: str | None = None):
         self.need = dict(cfg.model_resources)
         if device == "cuda":
             self.need["GPU"] = cfg.num_gpus_per_worker
         self.timeout, self.poll = cfg.node_loss_timeout, poll
+        self.own_node = own_node  # the driver's node: a node table without it is no answer
         self.reason: str | None = None
         self.hosts: dict[str, str] = {}  # node id -> address: every node seen fit for a model
+        self.table = ""  # the last node table that had no host, for the log
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True, name="node-watchdog")
 
-    def _hostable(self) -> bool:
-        alive = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes()
+    def _hostable(self) -> bool | None:
+        """Whether an alive node has the resources of one model actor; None when Ray's node
+        table is no answer (it does not show the driver's own node alive)."""
+        nodes = ray.nodes()
+        if self.own_node and not any(n.get("Alive") and n.get("NodeID") == self.own_node
+                                     for n in nodes):
+            return None
+        alive = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in nodes
                  if n.get("Alive") and all(n["Resources"].get(k, 0) >= v
                                            for k, v in self.need.items())}
         self.hosts.update(alive)
+        if not alive:
+            self.table = "; ".join(
+                f"{n.get('NodeID')} {'alive' if n.get('Alive') else 'dead'} "
+                f"{ {k: n.get('Resources', {}).get(k, 0) for k in self.need} }" for n in nodes)
         return bool(alive)
 
     def _message(self, when: str) -> str:
@@ -380,7 +393,7 @@ class _ModelNodeWatchdog:
         t0 = time.monotonic()
         while True:
             try:
-                if not self._hostable():
+                if self._hostable() is False:
                     return self._message(f"{time.monotonic() - t0:.0f} s after the pipeline "
                                          f"failed")
             except Exception:  # Ray itself is gone: the caller re-raises the original error
@@ -398,10 +411,17 @@ class _ModelNodeWatchdog:
                 log.warning("the node watchdog could not list Ray's nodes (%s: %s)",
                             type(exc).__name__, exc)
                 continue
+            if hostable is None:
+                log.warning("Ray's node table does not show this driver's node: ignored")
+                continue
             if hostable:
                 lost_since = None
                 continue
-            lost_since = lost_since or time.monotonic()
+            if lost_since is None:
+                lost_since = time.monotonic()
+                log.warning("no alive Ray node can host a model actor (each needs %s); the job "
+                            "fails in %g s unless one comes back. Ray's nodes: %s", self.need,
+                            self.timeout, self.table)
             if time.monotonic() - lost_since >= self.timeout:
                 self.reason = self._message(f"for {self.timeout:g} s (--node-loss-timeout)")
                 log.error(self.reason)
@@ -706,7 +726,8 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         ds = _write_stage(ds, cfg, sink, extra_ref, rows_per_file)
         work_t0 = time.perf_counter()
         progress = _Progress(work.num_rows, work_t0)
-        watchdog = _ModelNodeWatchdog(cfg, device)
+        watchdog = _ModelNodeWatchdog(cfg, device,
+                                      own_node=ray.get_runtime_context().get_node_id())
 
         def take(records: pa.Table) -> None:
             commits.add(records)
