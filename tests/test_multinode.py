@@ -9,7 +9,7 @@ part's own file metadata), that the output equals a single-node run's row for ro
 happens when a node is lost mid-run: the CPU node (Ray reschedules its tasks); and the only
 model node (the job fails soon after --node-loss-timeout, naming the lost node, and a rerun on
 a new model node resumes; its own test, out of the default run for its cost: two more jobs on a
-cluster of its own, 5-6 min on the loaded 2-core machine; `-m lost_model_node` runs it).
+cluster of its own, 2.5-8 min on the shared 2-core machine; `-m lost_model_node` runs it).
 """
 
 from __future__ import annotations
