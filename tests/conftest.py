@@ -43,6 +43,17 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def submit_head():
+    """`(address, env)` of one `ray start --head` (token auth, 2 CPUs) for the whole session:
+    the tests that go through `ray job submit` share it instead of each starting a cluster."""
+    from raycluster import cluster_env, ray_head
+
+    env = cluster_env()
+    with ray_head(env=env) as address:
+        yield address, env
+
+
+@pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> str:
     """A folder of 34 real photos (crops and rescales), JPEG, PNG and WebP, varied sizes."""
     folder = str(tmp_path_factory.mktemp("photos"))

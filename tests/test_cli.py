@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 from helpers import ROOT, make_cfg
-from raycluster import cluster_env, ray_head
+from raycluster import cluster_env, job_submit
 
 from resnet_features import cli
 from resnet_features.core.config import (
@@ -175,16 +175,15 @@ def test_wrong_state_dict_is_refused(tmp_path, few_photos, resnet18_weights):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_ray_job_submit_runs_the_job_on_a_cluster(tmp_path, few_photos, resnet18_weights):
+def test_ray_job_submit_runs_the_job_on_a_cluster(tmp_path, few_photos, resnet18_weights,
+                                                  submit_head):
+    """The README's command: `ray job submit --working-dir . -- python jobs/extract.py ...`
+    against a `ray start --head` with token auth."""
     out = tmp_path / "out"
-    env = cluster_env()
-    with ray_head(env=env) as address:
-        res = subprocess.run(
-            [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit",
-             "--address", address, "--working-dir", ROOT, "--",
-             "python", "jobs/extract.py", "--input", few_photos, "--output", str(out),
-             "--model", "resnet18", "--weights", resnet18_weights, "--task", "embed"],
-            capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    address, env = submit_head
+    res = job_submit(address, env, [
+        "python", "jobs/extract.py", "--input", few_photos, "--output", str(out),
+        "--model", "resnet18", "--weights", resnet18_weights, "--task", "embed"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "SUCCEEDED: run " in res.stdout and ": 6 images from" in res.stdout
     (run_dir,) = out.glob("run=*")
