@@ -55,9 +55,9 @@ def submit_head():
 
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> str:
-    """A folder of 34 real photos (crops and rescales), JPEG, PNG and WebP, varied sizes."""
+    """A folder of 16 real photos (crops and rescales), JPEG, PNG and WebP, varied sizes."""
     folder = str(tmp_path_factory.mktemp("photos"))
-    write_samples(folder, count=34, seed=1)
+    write_samples(folder, count=16, seed=1)
     return folder
 
 
