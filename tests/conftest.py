@@ -43,6 +43,13 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def ray_address(ray_local) -> str:
+    """The session Ray's GCS address: a job subprocess given it as RAY_ADDRESS joins that Ray
+    (as a driver joins a running cluster) instead of starting and stopping one of its own."""
+    return ray_local.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
 def submit_head():
     """`(address, env)` of one `ray start --head` (token auth, 2 CPUs) for the whole session:
     the tests that go through `ray job submit` share it instead of each starting a cluster."""

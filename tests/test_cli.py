@@ -166,10 +166,10 @@ def test_missing_input_and_missing_weights_fail_at_start(tmp_path, resnet18_weig
     assert "--weights" in res.stderr  # says how to provide it
 
 
-@pytest.mark.slow  # a CLI subprocess that starts Ray before the weights fail
-def test_wrong_state_dict_is_refused(tmp_path, few_photos, resnet18_weights):
+@pytest.mark.slow  # a CLI subprocess that joins the session's Ray before the weights fail
+def test_wrong_state_dict_is_refused(tmp_path, few_photos, resnet18_weights, ray_address):
     res = extract("--input", few_photos, "--output", str(tmp_path / "o"), "--model", "resnet34",
-                  "--weights", resnet18_weights)
+                  "--weights", resnet18_weights, env=cluster_env({"RAY_ADDRESS": ray_address}))
     assert res.returncode == 2 and "does not fit resnet34" in res.stderr
 
 
