@@ -308,7 +308,8 @@ def _list_staged(cfg: ExtractConfig, layout: runs.RunLayout, attempt: int
                             skipped_non_image=sum(r["skipped"] for r in results),
                             other_kinds=kinds, seconds=time.perf_counter() - t0,
                             requests=sum(r["requests"] for r in results), units=len(units),
-                            tasks=len(groups))
+                            tasks=len(groups),
+                            cpu_seconds=sum(r["cpu_seconds"] for r in results))
     log.info("listed %d images under %s in %.2fs: %d parts in %d tasks, %d LIST requests, "
              "%d chunks staged (%d non-image entries ignored)", listing.num_rows, cfg.input,
              listing.seconds, len(units), len(groups), listing.requests, len(listing.chunks),
@@ -696,7 +697,8 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
                   "input_format": staged.format,
                   "input_objects": staged.num_rows + staged.skipped_non_image,
                   "listing": {"staged": True, "parts": staged.units, "tasks": staged.tasks,
-                              "list_requests": staged.requests, "chunks": len(staged.chunks)}}
+                              "list_requests": staged.requests, "chunks": len(staged.chunks),
+                              "task_cpu_seconds": round(staged.cpu_seconds, 2)}}
     log.info("run %s attempt %d: %d of %d listed inputs to compute (%s)", cfg.run_id,
              state.attempt, n_work, listed["listed"], skipped)
     options, device, missing = None, "none", []

@@ -46,6 +46,7 @@ class StagedListing:
     requests: int
     units: int  # pieces the plan cut the prefix into
     tasks: int
+    cpu_seconds: float = 0.0  # the listing tasks' CPU time, summed
     format: str = "images"
 
     @property

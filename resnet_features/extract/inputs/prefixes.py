@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import datetime
@@ -303,8 +304,10 @@ def list_units(storage_options: dict[str, Any] | None, bucket: str, units: list[
                folder_uri: str, group: int) -> dict[str, Any]:
     """List one group of units into chunks under `folder_uri` (the output's filesystem);
     returns `{"chunks": [Chunk], "skipped": non-image objects, "other_kinds": {kind: n},
-    "requests": LIST requests}`. Prefixes are listed IN_FLIGHT at a time, each reading up to
-    READ_AHEAD_PAGES ahead, and written strictly in unit order."""
+    "requests": LIST requests, "cpu_seconds": the call's CPU time}`. Prefixes are listed
+    IN_FLIGHT at a time, each reading up to READ_AHEAD_PAGES ahead, and written strictly in
+    unit order."""
+    cpu0 = time.process_time()
     fs = private_fs(storage_options)
     out_fs, folder = storage.filesystem(folder_uri, storage_options)
     out_fs.makedirs(folder, exist_ok=True)
@@ -362,4 +365,5 @@ def list_units(storage_options: dict[str, Any] | None, bucket: str, units: list[
     sync(fs.loop, run)
     writer.flush()
     return {"chunks": writer.chunks, "skipped": writer.skipped,
-            "other_kinds": writer.other_kinds, "requests": requests}
+            "other_kinds": writer.other_kinds, "requests": requests,
+            "cpu_seconds": time.process_time() - cpu0}
