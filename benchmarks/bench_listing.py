@@ -145,6 +145,10 @@ def _child(endpoint: str, how: str) -> None:
     seconds = time.perf_counter() - t0
     extra["driver_cpu_seconds"] = round(time.process_time() - cpu0, 1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if how == "staged":
+        import shutil
+
+        shutil.rmtree(staged.out, ignore_errors=True)
     print(json.dumps({"keys": n, "seconds": round(seconds, 2),
                       "peak_rss_mb_above_start": round((peak - before) / 1024, 1), **extra}))
 
@@ -173,6 +177,7 @@ def _staged_setup(opts: dict):
         return pipeline._list_staged(cfg, layout, 0)
 
     staged.init_seconds = round(time.perf_counter() - t0, 2)
+    staged.out = out
     return staged
 
 
