@@ -59,6 +59,16 @@ TASK_RETRIES = 3
 #: Most images per listing block: one read task fetches a block's objects concurrently.
 MAX_READ_GROUP = 64
 
+#: Ray Data (2.60) hands every pool actor its DataContext and its function (which holds the
+#: weights' ObjectRef) by ObjectRef, and our model actors restart after a lost node
+#: (max_restarts): Ray's core worker then logs an ERROR once per driver, whatever the actor
+#: gets. It cannot be avoided short of max_restarts=0 (no recovery from a lost node).
+RESTART_NOTE = ("the model actors restart after a lost node and Ray Data passes them their "
+                "setup through the object store, so Ray logs an error that an actor 'has "
+                "constructor arguments in the object store and max_restarts > 0': harmless "
+                "here, as this driver holds those objects until the run ends, so a restarted "
+                "actor still finds them")
+
 
 def read_group_size(n_inputs: int, cluster_cpus: float, decode_batch_size: int) -> int:
     """Images per read task: big enough to batch object-store GETs, small enough that every
@@ -125,7 +135,7 @@ class _WriteTask:
 class _Background:
     """A call on a worker thread; `result()` joins it and re-raises its exception."""
 
-    def __init__(self, fn: Callable[[], Any]):
+    def __init__(self, fn: Callable[[], Any], name: str, daemon: bool = False):
         self._out: list[Any] = []
         self._err: list[BaseException] = []
 
@@ -135,7 +145,7 @@ class _Background:
             except BaseException as exc:  # noqa: BLE001 - re-raised by result()
                 self._err.append(exc)
 
-        self._thread = threading.Thread(target=target, name="resolve-model")
+        self._thread = threading.Thread(target=target, name=name, daemon=daemon)
         self._thread.start()
 
     def result(self) -> Any:
@@ -465,56 +475,25 @@ def _select_work(cfg: ExtractConfig, layout: runs.RunLayout, listing: pa.Table,
     return work, skipped, todo
 
 
-def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
-    """Run (or resume, or finish publishing) one run of the job. Raises on bad
-    input/weights/output before any work; a finished run is a no-op unless --overwrite."""
-    started_at, t0 = storage.now_iso(), time.perf_counter()
-    fs, root = storage.filesystem(cfg.output, cfg.storage_options)
-    layout = runs.RunLayout(fs, root, cfg.run_id)
-    finished = layout.finished_summary()
-    if finished is not None and not cfg.overwrite:
-        return _noop(cfg, finished)
-    check_input_exists(cfg.input, cfg.storage_options)  # before Ray: a typo fails in a second
-    if cfg.device == "cuda":  # a cluster without GPUs fails here, before any weights or output
-        _init_ray()
-        _resolve_device(cfg)
-    def resolve() -> tuple[ModelSpec, Any]:
-        return resolve_model(cfg.model, cfg.weights, preprocess_from=cfg.preprocess_from,
-                             storage_options=cfg.storage_options,
-                             weights_sha256=cfg.weights_sha256)
+@dataclass(frozen=True)
+class _Plan:
+    """What the driver prepares before any Ray work: the model, the outputs, the listing and
+    the inputs this attempt computes."""
 
-    if ray.is_initialized() or cfg.incremental or cfg.retry_errors:
-        spec, state_dict = resolve()
-    else:
-        # Overlap the two slow parts of start-up (on 2 cores, ray.init 5-15 s; torchvision's
-        # import and the weights 3-5 s): Ray's processes start while a thread loads the weights
-        # (ray.init stays on the main thread, where it sets its signal handlers). Not for
-        # --incremental/--retry-errors runs, which may find nothing to compute and then need no
-        # Ray at all.
-        resolving = _Background(resolve)
-        try:
-            _init_ray()
-        finally:
-            spec, state_dict = resolving.result()
-    identity = runs.task_identity(spec, cfg.task, cfg.top_k)
-    if cfg.resize_short is not None:
-        # The uncropped geometry changes every column (the embedding too): such rows never
-        # stand in for centre-crop rows, or for rows of another geometry, box source or layer.
-        identity["detection"] = {k: getattr(cfg, k) for k in (
-            "resize_short", "max_size", "grid", "boxes_column", "boxes_file", "boxes_frame",
-            "region_layer", "region_dtype", "region_maps")}
-    task_fp = runs.fingerprint_of(identity)
-    if layout.publish_pending() and not cfg.overwrite:
-        log.info("run %s was complete but not fully published: publishing it now", cfg.run_id)
-        manifest = layout.publish()
-        summary = layout.published_summary() or {"status": manifest["status"]}
-        return JobResult(summary=summary, exit_code=0 if manifest["status"] == "succeeded" else 3,
-                         reason=summary.get("reason", "published"))
-    if (fs.exists(layout.final) and finished is None and layout.published_manifest() is None
-            and not cfg.overwrite):
-        raise OutputExistsError(f"{cfg.output}/run={cfg.run_id}/ exists but is no run this job "
-                                f"published; pass --overwrite or choose another --run-id")
-    units = build_outputs(cfg, spec)  # a bad --head or --explain-class fails here
+    spec: ModelSpec
+    state_dict: Any
+    identity: dict[str, Any]
+    task_fp: str
+    units: tuple
+    listing: Listing
+    table: pa.Table  # the listing's table, with content hashes under --fingerprint hash
+    state: runs.RunState
+    work: pa.Table
+    skipped: dict[str, Any]
+    extra: pa.Table | None
+
+
+def _list(cfg: ExtractConfig) -> Listing:
     listing = list_inputs(cfg.input, InputSpec(
         format=cfg.input_format, image_column=cfg.image_column, id_column=cfg.id_column,
         uri_column=cfg.uri_column, keep_columns=cfg.keep_columns + tuple(
@@ -525,6 +504,39 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         listing = attach_boxes(listing, input_uri=cfg.input, column=cfg.boxes_column,
                                sidecar=cfg.boxes_file, keep=cfg.keep_columns,
                                storage_options=cfg.storage_options)
+    return listing
+
+
+def _plan(cfg: ExtractConfig, layout: runs.RunLayout, finished: dict[str, Any] | None
+          ) -> _Plan | JobResult:
+    """Everything before Ray work, with no Ray call (it runs while Ray starts): the weights
+    load while a thread lists the inputs. Raises on bad weights, outputs or listing; a run
+    whose publish was cut short is published here (the JobResult)."""
+    if layout.publish_pending() and not cfg.overwrite:
+        log.info("run %s was complete but not fully published: publishing it now", cfg.run_id)
+        manifest = layout.publish()
+        summary = layout.published_summary() or {"status": manifest["status"]}
+        return JobResult(summary=summary, exit_code=0 if manifest["status"] == "succeeded" else 3,
+                         reason=summary.get("reason", "published"))
+    if (layout.fs.exists(layout.final) and finished is None
+            and layout.published_manifest() is None and not cfg.overwrite):
+        raise OutputExistsError(f"{cfg.output}/run={cfg.run_id}/ exists but is no run this job "
+                                f"published; pass --overwrite or choose another --run-id")
+    # A daemon thread: bad weights or outputs fail at once, without waiting for a long listing.
+    listing_job = _Background(lambda: _list(cfg), name="list-inputs", daemon=True)
+    spec, state_dict = resolve_model(cfg.model, cfg.weights, preprocess_from=cfg.preprocess_from,
+                                     storage_options=cfg.storage_options,
+                                     weights_sha256=cfg.weights_sha256)
+    identity = runs.task_identity(spec, cfg.task, cfg.top_k)
+    if cfg.resize_short is not None:
+        # The uncropped geometry changes every column (the embedding too): such rows never
+        # stand in for centre-crop rows, or for rows of another geometry, box source or layer.
+        identity["detection"] = {k: getattr(cfg, k) for k in (
+            "resize_short", "max_size", "grid", "boxes_column", "boxes_file", "boxes_frame",
+            "region_layer", "region_dtype", "region_maps")}
+    task_fp = runs.fingerprint_of(identity)
+    units = build_outputs(cfg, spec)  # a bad --head or --explain-class fails here
+    listing = listing_job.result()
     for unit in units:
         unit.sized_for(listing.table)
     table = listing.table
@@ -541,6 +553,41 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     extra = listing.extra.filter(pa.array(todo)) if listing.extra is not None else None
     log.info("run %s attempt %d: %d of %d listed inputs to compute (%s)", cfg.run_id,
              state.attempt, work.num_rows, table.num_rows, skipped)
+    return _Plan(spec=spec, state_dict=state_dict, identity=identity, task_fp=task_fp,
+                 units=units, listing=listing, table=table, state=state, work=work,
+                 skipped=skipped, extra=extra)
+
+
+def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
+    """Run (or resume, or finish publishing) one run of the job. Raises on bad
+    input/weights/output before any work; a finished run is a no-op unless --overwrite."""
+    started_at, t0 = storage.now_iso(), time.perf_counter()
+    fs, root = storage.filesystem(cfg.output, cfg.storage_options)
+    layout = runs.RunLayout(fs, root, cfg.run_id)
+    finished = layout.finished_summary()
+    if finished is not None and not cfg.overwrite:
+        return _noop(cfg, finished)
+    check_input_exists(cfg.input, cfg.storage_options)  # before Ray: a typo fails in a second
+    if cfg.device == "cuda":  # a cluster without GPUs fails here, before any weights or output
+        _init_ray()
+        _resolve_device(cfg)
+    if ray.is_initialized() or cfg.incremental or cfg.retry_errors:
+        plan = _plan(cfg, layout, finished)
+    else:
+        # Overlap start-up: Ray's processes start (on 2 cores, ray.init takes 5-15 s) while a
+        # thread loads the weights, lists the inputs and starts the attempt (ray.init stays on
+        # the main thread, where it sets its signal handlers). Not for --incremental/
+        # --retry-errors runs, which may find nothing to compute and then need no Ray at all.
+        planning = _Background(lambda: _plan(cfg, layout, finished), name="plan")
+        try:
+            _init_ray()
+        finally:
+            plan = planning.result()
+    if isinstance(plan, JobResult):
+        return plan
+    spec, state_dict, identity, task_fp = plan.spec, plan.state_dict, plan.identity, plan.task_fp
+    units, listing, table, state = plan.units, plan.listing, plan.table, plan.state
+    work, skipped, extra = plan.work, plan.skipped, plan.extra
     options, device, missing = None, "none", []
     commits = CommitLog(0)
     rows_per_file = cfg.rows_per_file or auto_rows_per_file(units)
@@ -567,11 +614,7 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
                         extra_schema=extra.schema if extra is not None else None)
         commits = CommitLog(work.num_rows)
         state_ref = [ray.put(state_dict)] if state_dict is not None else []
-        if state_ref:
-            log.info("the model actors get the weights through the object store: Ray logs an "
-                     "error that their constructor arguments are there with max_restarts > 0; "
-                     "harmless here, as this driver holds them until the run ends, so a "
-                     "restarted actor still finds them")
+        log.info(RESTART_NOTE)
         extra_ref = [ray.put(extra)] if extra is not None else []
         ds = build_dataset(cfg, replace(listing, table=work, extra=extra), spec,
                            state_ref, options, units, runner_cls)
