@@ -56,6 +56,30 @@ def write_small(folder: str, count: int, seed: int) -> list[str]:
 # -- no Ray ----------------------------------------------------------------------------------
 
 
+def test_incremental_run_with_nothing_to_compute_starts_no_ray(resnet18_weights, tmp_path,
+                                                               monkeypatch):
+    """A nightly --incremental run that finds every input unchanged lists, decides and
+    publishes an empty run without ever starting Ray (its start-up is most of such a run)."""
+    from resnet_features.extract import pipeline
+    from resnet_features.runs import protocol
+
+    def no_ray():
+        raise AssertionError("Ray started for a run with nothing to compute")
+
+    def all_unchanged(fs, root, task_fp, listing, exclude_run):
+        return (np.zeros(listing.num_rows, dtype=bool),
+                {"skipped_unchanged": listing.num_rows, "changed": 0, "new": 0})
+
+    monkeypatch.setattr(pipeline, "_init_ray", no_ray)
+    monkeypatch.setattr(protocol, "incremental_decision", all_unchanged)
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    write_small(inp, 3, seed=5)
+    result = run(make_cfg(*job_args(inp, out, resnet18_weights, "night2", "--incremental")))
+    assert result.exit_code == 0, result.reason
+    assert result.summary["listed"] == 3 and result.summary["computed"] == 0
+    assert result.summary["device"] == "none"
+
+
 def test_incremental_filter_matches_set_logic():
     rng = np.random.default_rng(0)
     uris = [f"s3://b/img{i:06d}.jpg" for i in range(2000)]

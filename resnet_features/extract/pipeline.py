@@ -77,6 +77,16 @@ LOAD_CHUNK_CPUS = 0.25
 #: Listing tasks per cluster CPU (a staged prefix listing: `_list_staged`).
 LIST_TASKS_PER_CPU = 4
 
+#: Ray Data (2.60) hands every pool actor its DataContext and its function (which holds the
+#: weights' ObjectRef) by ObjectRef, and our model actors restart after a lost node
+#: (max_restarts): Ray's core worker then logs an ERROR once per driver, whatever the actor
+#: gets. It cannot be avoided short of max_restarts=0 (no recovery from a lost node).
+RESTART_NOTE = ("the model actors restart after a lost node and Ray Data passes them their "
+                "setup through the object store, so Ray logs an error that an actor 'has "
+                "constructor arguments in the object store and max_restarts > 0': harmless "
+                "here, as this driver holds those objects until the run ends, so a restarted "
+                "actor still finds them")
+
 
 def read_group_size(n_inputs: int, cluster_cpus: float, decode_batch_size: int) -> int:
     """Images per read task: big enough to batch object-store GETs, small enough that every
@@ -143,7 +153,7 @@ class _WriteTask:
 class _Background:
     """A call on a worker thread; `result()` joins it and re-raises its exception."""
 
-    def __init__(self, fn: Callable[[], Any]):
+    def __init__(self, fn: Callable[[], Any], name: str, daemon: bool = False):
         self._out: list[Any] = []
         self._err: list[BaseException] = []
 
@@ -153,7 +163,7 @@ class _Background:
             except BaseException as exc:  # noqa: BLE001 - re-raised by result()
                 self._err.append(exc)
 
-        self._thread = threading.Thread(target=target, name="resolve-model")
+        self._thread = threading.Thread(target=target, name=name, daemon=daemon)
         self._thread.start()
 
     def result(self) -> Any:
@@ -592,37 +602,60 @@ def _select_work(cfg: ExtractConfig, layout: runs.RunLayout, listing: pa.Table,
     return work, skipped, todo
 
 
-def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
-    """Run (or resume, or finish publishing) one run of the job. Raises on bad
-    input/weights/output before any work; a finished run is a no-op unless --overwrite."""
-    started_at, t0 = storage.now_iso(), time.perf_counter()
-    fs, root = storage.filesystem(cfg.output, cfg.storage_options)
-    layout = runs.RunLayout(fs, root, cfg.run_id)
-    finished = layout.finished_summary()
-    if finished is not None and not cfg.overwrite:
-        return _noop(cfg, finished)
-    check_input_exists(cfg.input, cfg.storage_options)  # before Ray: a typo fails in a second
-    if cfg.device == "cuda":  # a cluster without GPUs fails here, before any weights or output
-        _init_ray()
-        _resolve_device(cfg)
-    def resolve() -> tuple[ModelSpec, Any]:
-        return resolve_model(cfg.model, cfg.weights, preprocess_from=cfg.preprocess_from,
-                             storage_options=cfg.storage_options,
-                             weights_sha256=cfg.weights_sha256)
+@dataclass(frozen=True)
+class _Plan:
+    """What the driver prepares before any Ray work: the model, the outputs, the listing and
+    the inputs this attempt computes."""
 
-    if ray.is_initialized() or cfg.incremental or cfg.retry_errors:
-        spec, state_dict = resolve()
-    else:
-        # Overlap the two slow parts of start-up (on 2 cores, ray.init 5-15 s; torchvision's
-        # import and the weights 3-5 s): Ray's processes start while a thread loads the weights
-        # (ray.init stays on the main thread, where it sets its signal handlers). Not for
-        # --incremental/--retry-errors runs, which may find nothing to compute and then need no
-        # Ray at all.
-        resolving = _Background(resolve)
-        try:
-            _init_ray()
-        finally:
-            spec, state_dict = resolving.result()
+    spec: ModelSpec
+    state_dict: Any
+    identity: dict[str, Any]
+    task_fp: str
+    units: tuple
+    state: runs.RunState
+    work: Listing | StagedWork  # the listing rows to compute (staged: chunks + bitmaps)
+    n_work: int
+    skipped: dict[str, Any]
+    extra: pa.Table | None
+    listed: dict[str, Any]  # the summary's listing figures
+
+
+def _list(cfg: ExtractConfig) -> Listing:
+    listing = list_inputs(cfg.input, InputSpec(
+        format=cfg.input_format, image_column=cfg.image_column, id_column=cfg.id_column,
+        uri_column=cfg.uri_column, keep_columns=cfg.keep_columns + tuple(
+            c for c in (cfg.boxes_column,) if c and c not in cfg.keep_columns),
+        where=cfg.where),
+        cfg.storage_options)
+    if cfg.boxes_column or cfg.boxes_file:
+        listing = attach_boxes(listing, input_uri=cfg.input, column=cfg.boxes_column,
+                               sidecar=cfg.boxes_file, keep=cfg.keep_columns,
+                               storage_options=cfg.storage_options)
+    return listing
+
+
+def _plan(cfg: ExtractConfig, layout: runs.RunLayout, finished: dict[str, Any] | None,
+          staged: bool = False) -> _Plan | JobResult:
+    """Everything before the model's work: the weights load while a thread lists the inputs.
+    No Ray call (it runs while Ray starts), except a `staged` listing's tasks (an s3:// prefix
+    of images, listed by Ray tasks: Ray is up then). Raises on bad weights, outputs or
+    listing; a run whose publish was cut short is published here (the JobResult)."""
+    if layout.publish_pending() and not cfg.overwrite:
+        log.info("run %s was complete but not fully published: publishing it now", cfg.run_id)
+        manifest = layout.publish()
+        summary = layout.published_summary() or {"status": manifest["status"]}
+        return JobResult(summary=summary, exit_code=0 if manifest["status"] == "succeeded" else 3,
+                         reason=summary.get("reason", "published"))
+    if (layout.fs.exists(layout.final) and finished is None
+            and layout.published_manifest() is None and not cfg.overwrite):
+        raise OutputExistsError(f"{cfg.output}/run={cfg.run_id}/ exists but is no run this job "
+                                f"published; pass --overwrite or choose another --run-id")
+    # A daemon thread: bad weights or outputs fail at once, without waiting for a long listing.
+    listing_job = (None if staged else
+                   _Background(lambda: _list(cfg), name="list-inputs", daemon=True))
+    spec, state_dict = resolve_model(cfg.model, cfg.weights, preprocess_from=cfg.preprocess_from,
+                                     storage_options=cfg.storage_options,
+                                     weights_sha256=cfg.weights_sha256)
     identity = runs.task_identity(spec, cfg.task, cfg.top_k)
     if cfg.resize_short is not None:
         # The uncropped geometry changes every column (the embedding too): such rows never
@@ -631,42 +664,35 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
             "resize_short", "max_size", "grid", "boxes_column", "boxes_file", "boxes_frame",
             "region_layer", "region_dtype", "region_maps")}
     task_fp = runs.fingerprint_of(identity)
-    if layout.publish_pending() and not cfg.overwrite:
-        log.info("run %s was complete but not fully published: publishing it now", cfg.run_id)
-        manifest = layout.publish()
-        summary = layout.published_summary() or {"status": manifest["status"]}
-        return JobResult(summary=summary, exit_code=0 if manifest["status"] == "succeeded" else 3,
-                         reason=summary.get("reason", "published"))
-    if (fs.exists(layout.final) and finished is None and layout.published_manifest() is None
-            and not cfg.overwrite):
-        raise OutputExistsError(f"{cfg.output}/run={cfg.run_id}/ exists but is no run this job "
-                                f"published; pass --overwrite or choose another --run-id")
     units = build_outputs(cfg, spec)  # a bad --head or --explain-class fails here
-    staged: StagedListing | None = None
     state: runs.RunState | None = None
-    if (not (cfg.boxes_column or cfg.boxes_file) and cfg.fingerprint != "hash"
-            and stages_listing(cfg.input, cfg.input_format, cfg.storage_options)):
-        # A prefix of images: listed in Ray tasks into the attempt's staging, never whole here.
-        _init_ray()
+    staged_listing: StagedListing | None = None
+    if staged:  # listed in Ray tasks into the attempt's staging, never whole here
         state = layout.start_attempt(task_fp, fresh=cfg.overwrite)
-        staged = _list_staged(cfg, layout, state.attempt)
-        if not staged.num_rows and cfg.input_format == "auto" and staged.other_kinds:
-            fs.rm(storage.join(layout.staging, LISTING_DIR), recursive=True)
-            staged = None  # shards, tables or manifests: listed by their format below
-        elif not staged.num_rows:
-            _forget_attempt(layout, state)
-            staged.check(cfg.input)
-    if staged is None:
-        listing = list_inputs(cfg.input, InputSpec(
-            format=cfg.input_format, image_column=cfg.image_column, id_column=cfg.id_column,
-            uri_column=cfg.uri_column, keep_columns=cfg.keep_columns + tuple(
-                c for c in (cfg.boxes_column,) if c and c not in cfg.keep_columns),
-            where=cfg.where),
-            cfg.storage_options)
-        if cfg.boxes_column or cfg.boxes_file:
-            listing = attach_boxes(listing, input_uri=cfg.input, column=cfg.boxes_column,
-                                   sidecar=cfg.boxes_file, keep=cfg.keep_columns,
-                                   storage_options=cfg.storage_options)
+        staged_listing = _list_staged(cfg, layout, state.attempt)
+        if not staged_listing.num_rows:
+            if cfg.input_format == "auto" and staged_listing.other_kinds:
+                # shards, tables or manifests: listed by their format below
+                layout.fs.rm(storage.join(layout.staging, LISTING_DIR), recursive=True)
+                staged_listing = None
+            else:
+                _forget_attempt(layout, state)
+                staged_listing.check(cfg.input)
+    if staged_listing is not None:
+        work, skipped = _select_staged(cfg, layout, staged_listing, state, task_fp)
+        extra, n_work = None, work.num_rows
+        listed = {"listed": staged_listing.num_rows, "listing_seconds": staged_listing.seconds,
+                  "bytes_listed": staged_listing.bytes,
+                  "skipped_non_image": staged_listing.skipped_non_image,
+                  "input_format": staged_listing.format,
+                  "input_objects": staged_listing.num_rows + staged_listing.skipped_non_image,
+                  "listing": {"staged": True, "parts": staged_listing.units,
+                              "tasks": staged_listing.tasks,
+                              "list_requests": staged_listing.requests,
+                              "chunks": len(staged_listing.chunks),
+                              "task_cpu_seconds": round(staged_listing.cpu_seconds, 2)}}
+    else:
+        listing = listing_job.result() if listing_job is not None else _list(cfg)
         for unit in units:
             unit.sized_for(listing.table)
         table = listing.table
@@ -683,24 +709,55 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         if cfg.where:
             skipped["filtered"] = listing.filtered  # rows --where left out: never listed
         extra = listing.extra.filter(pa.array(todo)) if listing.extra is not None else None
-        work: Listing | StagedWork = replace(listing, table=work_table, extra=extra)
+        work = replace(listing, table=work_table, extra=extra)
         n_work = work_table.num_rows
         listed = {"listed": table.num_rows, "listing_seconds": listing.seconds,
                   "bytes_listed": int(pc.sum(table.column("size_bytes")).as_py() or 0),
                   "skipped_non_image": listing.skipped_non_image,
-                  "input_format": listing.format, "input_objects": listing.sources}
-    else:
-        work, skipped = _select_staged(cfg, layout, staged, state, task_fp)
-        extra, n_work = None, work.num_rows
-        listed = {"listed": staged.num_rows, "listing_seconds": staged.seconds,
-                  "bytes_listed": staged.bytes, "skipped_non_image": staged.skipped_non_image,
-                  "input_format": staged.format,
-                  "input_objects": staged.num_rows + staged.skipped_non_image,
-                  "listing": {"staged": True, "parts": staged.units, "tasks": staged.tasks,
-                              "list_requests": staged.requests, "chunks": len(staged.chunks),
-                              "task_cpu_seconds": round(staged.cpu_seconds, 2)}}
+                  "input_format": listing.format, "input_objects": listing.sources,
+                  "listing": {"staged": False}}
     log.info("run %s attempt %d: %d of %d listed inputs to compute (%s)", cfg.run_id,
              state.attempt, n_work, listed["listed"], skipped)
+    return _Plan(spec=spec, state_dict=state_dict, identity=identity, task_fp=task_fp,
+                 units=units, state=state, work=work, n_work=n_work, skipped=skipped,
+                 extra=extra, listed=listed)
+
+
+def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
+    """Run (or resume, or finish publishing) one run of the job. Raises on bad
+    input/weights/output before any work; a finished run is a no-op unless --overwrite."""
+    started_at, t0 = storage.now_iso(), time.perf_counter()
+    fs, root = storage.filesystem(cfg.output, cfg.storage_options)
+    layout = runs.RunLayout(fs, root, cfg.run_id)
+    finished = layout.finished_summary()
+    if finished is not None and not cfg.overwrite:
+        return _noop(cfg, finished)
+    check_input_exists(cfg.input, cfg.storage_options)  # before Ray: a typo fails in a second
+    if cfg.device == "cuda":  # a cluster without GPUs fails here, before any weights or output
+        _init_ray()
+        _resolve_device(cfg)
+    staged = (not (cfg.boxes_column or cfg.boxes_file) and cfg.fingerprint != "hash"
+              and stages_listing(cfg.input, cfg.input_format, cfg.storage_options))
+    if staged:
+        _init_ray()  # the listing itself runs in Ray tasks
+    if ray.is_initialized() or cfg.incremental or cfg.retry_errors:
+        plan = _plan(cfg, layout, finished, staged)
+    else:
+        # Overlap start-up: Ray's processes start (on 2 cores, ray.init takes 5-15 s) while a
+        # thread loads the weights, lists the inputs and starts the attempt (ray.init stays on
+        # the main thread, where it sets its signal handlers). Not for --incremental/
+        # --retry-errors runs, which may find nothing to compute and then need no Ray at all.
+        planning = _Background(lambda: _plan(cfg, layout, finished), name="plan")
+        try:
+            _init_ray()
+        finally:
+            plan = planning.result()
+    if isinstance(plan, JobResult):
+        return plan
+    spec, state_dict, task_fp, units = plan.spec, plan.state_dict, plan.task_fp, plan.units
+    identity = plan.identity
+    state, work, n_work, skipped = plan.state, plan.work, plan.n_work, plan.skipped
+    extra, listed = plan.extra, plan.listed
     options, device, missing = None, "none", []
     commits = CommitLog(0)
     rows_per_file = cfg.rows_per_file or auto_rows_per_file(units)
@@ -727,11 +784,7 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
                         extra_schema=extra.schema if extra is not None else None)
         commits = CommitLog(n_work)
         state_ref = [ray.put(state_dict)] if state_dict is not None else []
-        if state_ref:
-            log.info("the model actors get the weights through the object store: Ray logs an "
-                     "error that their constructor arguments are there with max_restarts > 0; "
-                     "harmless here, as this driver holds them until the run ends, so a "
-                     "restarted actor still finds them")
+        log.info(RESTART_NOTE)
         extra_ref = [ray.put(extra)] if extra is not None else []
         ds = build_dataset(cfg, work, spec, state_ref, options, units, runner_cls)
         ds = _write_stage(ds, cfg, sink, extra_ref, rows_per_file)
@@ -813,7 +866,7 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         "skipped_non_image": listed["skipped_non_image"],
         "input_format": listed["input_format"],
         "input_objects": listed["input_objects"],
-        "listing": listed.get("listing", {"staged": False}),
+        "listing": listed["listing"],
         "bytes_read": commits.bytes_read,
         "rows_per_file": rows_per_file,
         "files_this_attempt": sorted(commits.data_files),
