@@ -96,18 +96,29 @@ def write_boxes(path: str, boxes: dict[str, Box]) -> None:
             w.writerow([name, *b])
 
 
-def read_boxes(path: str) -> dict[str, Box]:
+def read_boxes(path: str) -> dict[str, list[Box]]:
     """A boxes file: CSV with a header `file,x0,y0,x1,y1`; `file` is the image's base name,
-    coordinates are the original image's pixels (x1, y1 exclusive)."""
+    coordinates are pixels of the image as displayed (after its EXIF orientation; x1, y1
+    exclusive). Several rows for one file are several objects (scored as their union)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     missing = {"file", "x0", "y0", "x1", "y1"} - set(rows[0] if rows else {})
     if missing:
         raise ValueError(f"{path}: a boxes file needs the columns file,x0,y0,x1,y1 "
                          f"(missing {', '.join(sorted(missing))})")
-    return {os.path.basename(r["file"]): (int(float(r["x0"])), int(float(r["y0"])),
-                                          int(float(r["x1"])), int(float(r["y1"])))
-            for r in rows}
+    boxes: dict[str, list[Box]] = {}
+    for line, r in enumerate(rows, start=2):
+        try:
+            box = tuple(int(float(r[k])) for k in ("x0", "y0", "x1", "y1"))
+        except (TypeError, ValueError):
+            raise ValueError(f"{path} line {line}: x0,y0,x1,y1 must be numbers, got "
+                             f"{[r[k] for k in ('x0', 'y0', 'x1', 'y1')]}") from None
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 < x1 and 0 <= y0 < y1):
+            raise ValueError(f"{path} line {line}: the box {box} is empty or negative "
+                             "(needs 0 <= x0 < x1 and 0 <= y0 < y1)")
+        boxes.setdefault(os.path.basename(r["file"]), []).append(box)
+    return boxes
 
 
 def crop_box(box: Box, width: int, height: int, resize: int, crop: int
