@@ -126,19 +126,24 @@ def decode_inputs(folder: str, names, spec) -> dict[str, DecodedImage]:
 
 
 def cost(spec, state, methods: list[str], crops: np.ndarray, device: str) -> dict[str, dict]:
-    """ms per image of each method and its ratio to the plain forward pass (in process)."""
+    """ms per image of each method and its ratio to the plain forward pass (in process), both
+    as the job runs them (the forward pass under the job's autocast on GPU)."""
+    def timed(fn) -> float:
+        # CUDA runs asynchronously: without a sync the clock stops before the kernels do
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        fn(crops[:1])  # warm-up
+        sync()
+        t = time.perf_counter()
+        fn(crops)
+        sync()
+        return (time.perf_counter() - t) / len(crops)
+
     runner = ModelRunner(spec, state, InferenceOptions(device=device), for_task(spec, "both"))
-    runner.forward(crops[:1])
-    t = time.perf_counter()
-    runner.forward(crops)
-    base = (time.perf_counter() - t) / len(crops)
+    base = timed(runner.forward)
     out = {"forward": {"ms": 1000 * base, "ratio": 1.0}}
     for m in methods:
         ex = Explainer(spec, state, m, device)
-        ex(crops[:1], np.zeros(1))
-        t = time.perf_counter()
-        ex(crops, np.zeros(len(crops)))
-        per = (time.perf_counter() - t) / len(crops)
+        per = timed(lambda c, ex=ex: ex(c, np.zeros(len(c))))
         out[m] = {"ms": 1000 * per, "ratio": per / base}
     return out
 
@@ -152,6 +157,8 @@ def bench_model(model: str, weights: str, methods: list[str], args, work: str,
             raise SystemExit("--object-head needs weights to put the head on")
         backbone = os.path.join(work, f"{model}_backbone.pth")
         torch.save(state, backbone)
+        if os.path.exists(path):  # fit_object_head keeps an existing file: an earlier backbone's
+            os.remove(path)
         weights = fit_object_head(model, backbone, path,
                                   lambda rng, i: photo_scene(rng, bool(i % 4)),
                                   seed=1000, min_accuracy=0.5)

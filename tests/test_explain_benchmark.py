@@ -56,6 +56,11 @@ def test_user_boxes_through_the_cli(tmp_path, resnet18_weights):
     torch.save(state, weights)
 
     out = tmp_path / "out"
+    # the leftovers of an earlier benchmark in the scratch output: the job would refuse them
+    # (or take a finished run for a no-op); the benchmark starts each job on a clean output
+    stale = out / "work" / "resnet18" / METHODS[0] / "trained" / "run=bench"
+    stale.mkdir(parents=True)
+    (stale / "part-00000.parquet").write_bytes(b"not from this benchmark")
     env = {**os.environ, "PYTHONPATH": ROOT, "RAY_ADDRESS": "local"}
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "jobs", "explain_benchmark.py"), "--models",

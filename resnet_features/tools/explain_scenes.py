@@ -123,14 +123,13 @@ def read_boxes(path: str) -> dict[str, list[Box]]:
 
 def crop_box(box: Box, width: int, height: int, resize: int, crop: int
              ) -> tuple[float, float, float, float]:
-    """A box in the original image -> the same box in the model's input crop (torchvision's
-    eval transform: shorter side resized to `resize`, then a centred `crop`), clipped."""
-    short, long = (width, height) if width <= height else (height, width)
-    new_long = int(resize * long / short)
-    new_w, new_h = (resize, new_long) if width <= height else (new_long, resize)
+    """A box in the image -> the same box in the model's input crop (the job's geometry,
+    torchvision's eval transform: shorter side resized to `resize`, then a centred `crop`),
+    clipped to the crop."""
+    from resnet_features.extract.decode import resize_geometry
+
+    new_w, new_h, left, top = resize_geometry(width, height, resize, crop)
     sx, sy = new_w / width, new_h / height
-    left = int(round((new_w - crop) / 2.0))
-    top = int(round((new_h - crop) / 2.0))
     x0, y0, x1, y1 = box
     return (float(np.clip(x0 * sx - left, 0, crop)), float(np.clip(y0 * sy - top, 0, crop)),
             float(np.clip(x1 * sx - left, 0, crop)), float(np.clip(y1 * sy - top, 0, crop)))
