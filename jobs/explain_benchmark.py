@@ -192,7 +192,9 @@ def bench_model(model: str, weights: str, methods: list[str], args, work: str,
         cbs = [crop_box(b, d.width, d.height, resize, crop_size) for b in bs]
         cbs = [b for b in cbs if b[2] > b[0] and b[3] > b[1]]
         images[n] = {"set": kind, "width": d.width, "height": d.height, "boxes": bs,
-                     "crop_boxes": cbs}
+                     "crop_boxes": cbs,
+                     # the box share of a uniform map: the chance level of the box share
+                     "box_area": em.box_area(cbs, crop_size) if cbs else None}
         if not cbs:
             log.warning("%s: its box(es) lie outside the %d-px centre crop; left out of the "
                         "localisation scores", n, crop_size)
@@ -289,6 +291,13 @@ def table(results: dict, methods: list[str]) -> str:
                 f"| {s['randomisation_corr']:.2f} ({verdict}) "
                 f"| {r['cost_cpu'][m]['ms']:.0f} | {r['cost_cpu'][m]['ratio']:.1f} "
                 f"| {f(gpu, '{:.1f}') if gpu is not None else 'not measured'} |")
+        chance = {}
+        for kind in ("builtin", "user"):
+            areas = [im["box_area"] for im in r["images"].values()
+                     if im["set"] == kind and im["box_area"] is not None]
+            chance[kind] = float(np.mean(areas)) if areas else None
+        lines.append(f"| {model} | (uniform map = box area) | | | {f(chance['builtin'])} | "
+                     f"| {f(chance['user'])} | | | | | |")
         lines.append(f"| {model} | (forward pass) | | | | | | | "
                      f"| {r['cost_cpu']['forward']['ms']:.0f} | 1.0 | |")
     return "\n".join(lines)

@@ -76,6 +76,12 @@ def test_user_boxes_through_the_cli(tmp_path, resnet18_weights):
     assert {n for n, im in r["images"].items() if im["set"] == "user"} == set(inside)
     assert (r["images"]["user-rotated.jpg"]["width"],
             r["images"]["user-rotated.jpg"]["height"]) == (64, 96)
+    # chance level (a uniform map's share): the box's share of the 224 x 224 crop
+    area = {"user-whole.png": 1.0, "user-left.png": 96 / 224, "user-rotated.jpg": 160 / 224}
+    for name, a in area.items():
+        assert r["images"][name]["box_area"] == pytest.approx(a)
+    chance = next(line for line in table.splitlines() if "(uniform map = box area)" in line)
+    assert [c.strip() for c in chance.split("|")][7] == f"{np.mean(list(area.values())):.3f}"
     for m in METHODS:
         s = r["methods"][m]
         shares, hits = [], []
@@ -96,6 +102,10 @@ def test_user_boxes_through_the_cli(tmp_path, resnet18_weights):
         assert s["user_share"] == pytest.approx(np.mean(shares))
         assert s["user_hit"] == pytest.approx(np.mean(hits))
         assert s["builtin_share"] is None
+        assert s["randomisation_corr"] == pytest.approx(
+            np.mean([one["randomisation_corr"] for one in s["per_image"].values()]))
+        assert r["cost_cpu"][m]["ratio"] == pytest.approx(
+            r["cost_cpu"][m]["ms"] / r["cost_cpu"]["forward"]["ms"])
         row = next(line for line in table.splitlines() if f"| resnet18 | {m} |" in line)
         cols = [c.strip() for c in row.split("|")]
         assert cols[5:7] == ["–", "–"]  # no built-in scenes

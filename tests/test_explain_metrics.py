@@ -9,6 +9,7 @@ import torch
 
 from resnet_features.tools.explain_metrics import (
     auc,
+    box_area,
     box_fractions,
     perturbation_curve,
     pointing_game,
@@ -80,6 +81,8 @@ def test_several_boxes_count_as_their_union():
     # 22 x 8 of BL, 18 x 8 of BR
     np.testing.assert_allclose(box_fractions((10, 20, 50, 40), 2, CROP),
                                np.array([22 * 12, 18 * 12, 22 * 8, 18 * 8]) / 1024)
+    assert box_area([a, b], CROP) == pytest.approx(1.75 / 4)  # a uniform map's share
+    assert box_area((10, 20, 50, 40), CROP) == pytest.approx(40 * 20 / 64 ** 2)
     tl, br = (0, 0, 32, 32), (32, 32, 64, 64)
     assert pointing_game(BR, [tl, br], CROP) and not pointing_game(BR, [tl], CROP)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["auc", "box_fractions", "perturbation_curve", "pointing_game", "randomised_state_dict",
+__all__ = ["auc", "box_area", "box_fractions", "perturbation_curve", "pointing_game", "randomised_state_dict",
            "rank_correlation", "relevance_in_box"]
 
 Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) -> (B, classes) probabilities
@@ -86,6 +86,12 @@ def box_fractions(boxes: Boxes, grid: int, crop: int) -> np.ndarray:
     cols = np.minimum((cx // size).astype(int), grid - 1)
     np.add.at(out, (rows[:, None], cols[None, :]), area)
     return (out / size ** 2).reshape(-1)
+
+
+def box_area(boxes: Boxes, crop: int) -> float:
+    """Share of the crop inside the box (or the union of several): the box share of a uniform
+    map, the chance level a map's box share is read against."""
+    return float(box_fractions(boxes, 1, crop)[0])
 
 
 def relevance_in_box(heatmap: np.ndarray, boxes: Boxes, crop: int) -> float:
