@@ -1,11 +1,13 @@
-"""Listing a big S3 prefix: s3fs's `find` (one page after another) against `parallel_list.parallel_find`
-(an experiment, not used by the job)
-(key ranges in parallel), behind a per-request delay, for 10^5 and 10^6 keys.
+"""Listing a big S3 prefix: s3fs's `find` (one page after another, what the job did before)
+against the job's staged listing (`pipeline._list_staged`: the plan on the driver, the parts
+listed in Ray tasks into Parquet chunks), behind a per-request delay, for 10^5 and 10^6 keys.
 
 Putting 10^6 objects into moto takes hours, so a stub on loopback answers ListObjectsV2 (Prefix,
 StartAfter, ContinuationToken, MaxKeys) from generated keys, sleeping `--latency-ms` per
 request. Each measurement runs in a fresh process, which reports its wall time, the LIST
-requests the stub saw and its peak RSS (ru_maxrss) above the RSS before listing.
+requests the stub saw and its peak RSS (ru_maxrss) above the RSS before listing (for
+"staged", the driver's: Ray is started first, on 2 CPUs, and not timed; the listing tasks run
+in Ray's workers).
 
     python benchmarks/bench_listing.py --keys 100000 1000000 --latency-ms 20
 """
@@ -117,7 +119,6 @@ def _child(endpoint: str, how: str) -> None:
     """One measurement, in its own process: list s3://b/img/ and print JSON."""
     sys.path.insert(0, ROOT)
     import s3fs
-    from parallel_list import parallel_find
 
     from resnet_features.extract.inputs import list_images
 
@@ -125,18 +126,59 @@ def _child(endpoint: str, how: str) -> None:
             "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
     fs = s3fs.S3FileSystem(**opts)
     fs.call_s3("list_objects_v2", Bucket="b", MaxKeys=1)  # connect before measuring
+    extra = {}
+    if how == "staged":
+        staged = _staged_setup(opts)
+        extra["ray_init_seconds"] = staged.init_seconds
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     if how == "find":
         n = len(fs.find("b/img/", detail=True))
-    elif how == "parallel":
-        n = len(parallel_find(fs, "b/img/"))
-    else:  # the whole listing as the job does it, parallel, to its table
+    elif how == "list_images":  # the driver's listing of other formats, to its table
         n = list_images("s3://b/img/", opts).table.num_rows
+    else:
+        listing = staged()
+        n = listing.num_rows
+        extra.update(tasks=listing.tasks, chunks=len(listing.chunks), parts=listing.units,
+                     task_cpu_seconds=round(listing.cpu_seconds, 1))
     seconds = time.perf_counter() - t0
+    extra["driver_cpu_seconds"] = round(time.process_time() - cpu0, 1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if how == "staged":
+        import shutil
+
+        shutil.rmtree(staged.out, ignore_errors=True)
     print(json.dumps({"keys": n, "seconds": round(seconds, 2),
-                      "peak_rss_mb_above_start": round((peak - before) / 1024, 1)}))
+                      "peak_rss_mb_above_start": round((peak - before) / 1024, 1), **extra}))
+
+
+def _staged_setup(opts: dict):
+    """Ray on 2 CPUs, and a call of the job's staged listing of s3://b/img/ into a scratch
+    output (what `pipeline.run` does for an s3:// prefix of images)."""
+    import tempfile
+
+    import ray
+
+    from resnet_features.core import storage
+    from resnet_features.core.config import config_from_args, get_args_parser
+    from resnet_features.extract import pipeline
+    from resnet_features.runs.protocol import RunLayout
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, address="local", logging_level="ERROR", log_to_driver=False)
+    out = tempfile.mkdtemp(prefix="bench-listing-")
+    cfg = config_from_args(get_args_parser().parse_args(
+        ["--input", "s3://b/img/", "--output", out, "--storage-options", json.dumps(opts)]))
+    ofs, root = storage.filesystem(out)
+    layout = RunLayout(ofs, root, "bench")
+
+    def staged():
+        return pipeline._list_staged(cfg, layout, 0)
+
+    staged.init_seconds = round(time.perf_counter() - t0, 2)
+    staged.out = out
+    return staged
 
 
 def measure(n: int, latency_ms: float, how: str) -> dict:
@@ -157,7 +199,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--keys", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--latency-ms", type=float, default=20)
-    p.add_argument("--how", nargs="+", default=["find", "parallel", "list_images"])
+    p.add_argument("--how", nargs="+", default=["find", "staged"])
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

@@ -124,8 +124,9 @@ def child_usual(args) -> None:
 def _launch(mode: str, args, trace: str) -> tuple[float, list[dict]]:
     if os.path.exists(trace):
         os.remove(trace)
-    env = {**os.environ, TRACE_ENV: trace, "PYTHONPATH": ROOT, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+    # RAY_ADDRESS=local: a private Ray, as on a fresh VM, never a cluster another process
+    # started on this machine (the job would join that one).
+    env = {**os.environ, TRACE_ENV: trace, "PYTHONPATH": ROOT, "RAY_ADDRESS": "local"}
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--input", args.input,
            "--output", args.output, "--weights", args.weights, "--model", args.model,
            "--batch-size", str(args.batch_size)]

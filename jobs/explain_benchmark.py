@@ -32,6 +32,7 @@ from resnet_features import load_features  # noqa: E402
 from resnet_features.core.config import config_from_args, get_args_parser  # noqa: E402
 from resnet_features.core.models import build_model, resolve_model  # noqa: E402
 from resnet_features.core.vocab import EXPLAIN_METHODS  # noqa: E402
+from resnet_features.extract.decode import DecodedImage, DecodeOptions, decode_image  # noqa: E402
 from resnet_features.extract.inference import InferenceOptions, ModelRunner  # noqa: E402
 from resnet_features.extract.outputs import for_task  # noqa: E402
 from resnet_features.extract.outputs.explain import Explainer  # noqa: E402
@@ -59,7 +60,9 @@ def get_args() -> argparse.Namespace:
                    "state_dict path (default DEFAULT)")
     p.add_argument("--methods", default=",".join(EXPLAIN_METHODS))
     p.add_argument("--images", help="a folder of your own images, scored with --boxes")
-    p.add_argument("--boxes", help="CSV file,x0,y0,x1,y1 (original pixels) for --images")
+    p.add_argument("--boxes", help="CSV file,x0,y0,x1,y1 for --images: pixels of the image as "
+                   "displayed (EXIF orientation applied), x1/y1 exclusive; several rows for one "
+                   "file = several objects")
     p.add_argument("--builtin", type=int, default=8,
                    help="built-in scenes: a real object pasted into real photos at known boxes")
     p.add_argument("--object-head", action="store_true",
@@ -82,7 +85,11 @@ def get_args() -> argparse.Namespace:
 
 def job_maps(inputs: str, output: str, model: str, weights: str, method: str,
              explain_class: int | None) -> dict[str, tuple[np.ndarray, int]]:
-    """Run the job (--task classify,explain) and read its maps back: file name -> (map, class)."""
+    """Run the job (--task classify,explain) and read its maps back: file name -> (map, class).
+
+    `output` is scratch: it is emptied first, since the job would take a finished run of the
+    same id for a no-op and hand back the maps of an earlier benchmark."""
+    shutil.rmtree(output, ignore_errors=True)
     args = ["--input", inputs, "--output", output, "--model", model, "--weights", weights,
             "--task", "classify,explain", "--explain-method", method, "--run-id", "bench"]
     if explain_class is not None:
@@ -91,37 +98,52 @@ def job_maps(inputs: str, output: str, model: str, weights: str, method: str,
     if result.exit_code != 0:
         raise RuntimeError(f"the job failed for {model}/{method}: {result.reason}")
     table = load_features(output, run="bench", columns=["uri", "explain_map", "explain_class"])
-    return {os.path.basename(r["uri"]): (np.asarray(r["explain_map"], np.float32),
+    maps = {os.path.basename(r["uri"]): (np.asarray(r["explain_map"], np.float32),
                                          int(r["explain_class"]))
             for r in table.to_pylist()}
+    missing = sorted(set(os.listdir(inputs)) - set(maps))
+    if missing:  # error rows (an image the job could not read) are not in the table
+        raise RuntimeError(f"the job gave no map for {len(missing)} image(s) for {model}/{method}"
+                           f" ({', '.join(missing[:10])}); its error rows say why: "
+                           f"{output}/run=bench/_errors/; fix or remove those images")
+    return maps
 
 
-def _transforms(spec):
-    from torchvision import transforms
-
-    p = spec.preprocessing
-    interp = transforms.InterpolationMode(p.interpolation)
-    crop = transforms.Compose([transforms.Resize(p.resize_size, interpolation=interp,
-                                                 antialias=p.antialias),
-                               transforms.CenterCrop(p.crop_size)])
-    norm = transforms.Compose([transforms.ToTensor(), transforms.Normalize(p.mean, p.std)])
-    return crop, norm
+def decode_inputs(folder: str, names, spec) -> dict[str, DecodedImage]:
+    """Each input as the job's decode stage sees it: the model crop (uint8) and the image's
+    size after its EXIF orientation, the frame boxes are given in."""
+    options = DecodeOptions()
+    out = {}
+    for n in names:
+        with open(os.path.join(folder, n), "rb") as f:
+            data = f.read()
+        try:
+            out[n] = decode_image(data, spec.preprocessing, options)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise SystemExit(f"{n.removeprefix('user-')}: the job cannot read it ({e}); fix or "
+                             "remove it") from None
+    return out
 
 
 def cost(spec, state, methods: list[str], crops: np.ndarray, device: str) -> dict[str, dict]:
-    """ms per image of each method and its ratio to the plain forward pass (in process)."""
+    """ms per image of each method and its ratio to the plain forward pass (in process), both
+    as the job runs them (the forward pass under the job's autocast on GPU)."""
+    def timed(fn) -> float:
+        # CUDA runs asynchronously: without a sync the clock stops before the kernels do
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        fn(crops[:1])  # warm-up
+        sync()
+        t = time.perf_counter()
+        fn(crops)
+        sync()
+        return (time.perf_counter() - t) / len(crops)
+
     runner = ModelRunner(spec, state, InferenceOptions(device=device), for_task(spec, "both"))
-    runner.forward(crops[:1])
-    t = time.perf_counter()
-    runner.forward(crops)
-    base = (time.perf_counter() - t) / len(crops)
+    base = timed(runner.forward)
     out = {"forward": {"ms": 1000 * base, "ratio": 1.0}}
     for m in methods:
         ex = Explainer(spec, state, m, device)
-        ex(crops[:1], np.zeros(1))
-        t = time.perf_counter()
-        ex(crops, np.zeros(len(crops)))
-        per = (time.perf_counter() - t) / len(crops)
+        per = timed(lambda c, ex=ex: ex(c, np.zeros(len(c))))
         out[m] = {"ms": 1000 * per, "ratio": per / base}
     return out
 
@@ -135,35 +157,52 @@ def bench_model(model: str, weights: str, methods: list[str], args, work: str,
             raise SystemExit("--object-head needs weights to put the head on")
         backbone = os.path.join(work, f"{model}_backbone.pth")
         torch.save(state, backbone)
+        if os.path.exists(path):  # fit_object_head keeps an existing file: an earlier backbone's
+            os.remove(path)
         weights = fit_object_head(model, backbone, path,
                                   lambda rng, i: photo_scene(rng, bool(i % 4)),
                                   seed=1000, min_accuracy=0.5)
         spec, state = resolve_model(model, weights)
     net = build_model(spec, state).eval()
-    crop_t, norm_t = _transforms(spec)
     crop_size, resize = spec.preprocessing.crop_size, spec.preprocessing.resize_size
 
     inputs = os.path.join(work, model, "inputs")
     shutil.rmtree(inputs, ignore_errors=True)
-    boxes = {name: ("builtin", b) for name, b in write_scenes(inputs, args.builtin).items()}
+    boxes = {name: ("builtin", [b]) for name, b in write_scenes(inputs, args.builtin).items()}
     os.remove(os.path.join(inputs, "boxes.csv"))
-    for name, b in user_boxes.items():
+    for name, bs in user_boxes.items():
         shutil.copy(os.path.join(args.images, name), os.path.join(inputs, f"user-{name}"))
-        boxes[f"user-{name}"] = ("user", b)
+        boxes[f"user-{name}"] = ("user", bs)
 
     rand_path = os.path.join(work, f"{model}_randomised.pth")
     torch.save(em.randomised_state_dict(net, args.randomise.split(",")), rand_path)
     explain_class = OBJECT_CLASS if args.object_head else None
 
-    pil = {n: Image.open(os.path.join(inputs, n)).convert("RGB") for n in boxes}
-    crops = {n: crop_t(im) for n, im in pil.items()}
-    xs = {n: norm_t(c) for n, c in crops.items()}
+    decoded = decode_inputs(inputs, sorted(boxes), spec)
+    crops = {n: d.pixels for n, d in decoded.items()}
+    mean = torch.tensor(spec.preprocessing.mean).view(3, 1, 1)
+    std = torch.tensor(spec.preprocessing.std).view(3, 1, 1)
+    xs = {n: (torch.from_numpy(c).permute(2, 0, 1).float() / 255 - mean) / std
+          for n, c in crops.items()}
+    # the boxes on the model crop; one that misses the crop (the object was cut off by the
+    # centre crop) cannot be localised by any map, so it is left out of the localisation means
+    images = {}
+    for n, (kind, bs) in boxes.items():
+        d = decoded[n]
+        cbs = [crop_box(b, d.width, d.height, resize, crop_size) for b in bs]
+        cbs = [b for b in cbs if b[2] > b[0] and b[3] > b[1]]
+        images[n] = {"set": kind, "width": d.width, "height": d.height, "boxes": bs,
+                     "crop_boxes": cbs,
+                     # the box share of a uniform map: the chance level of the box share
+                     "box_area": em.box_area(cbs, crop_size) if cbs else None}
+        if not cbs:
+            log.warning("%s: its box(es) lie outside the %d-px centre crop; left out of the "
+                        "localisation scores", n, crop_size)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(net(x), 1)
 
-    result = {"weights": weights, "images": {"builtin": args.builtin, "user": len(user_boxes)},
-              "methods": {}}
+    result = {"weights": weights, "images": images, "methods": {}}
     examples = sorted(boxes)[:args.examples]
     for method in methods:
         t0 = time.perf_counter()
@@ -181,31 +220,38 @@ def bench_model(model: str, weights: str, methods: list[str], args, work: str,
             rand_maps.update(job_maps(folder, os.path.join(work, model, method, f"rand-{cls}"),
                                       model, rand_path, method, cls))
         job_s = time.perf_counter() - t0
-        rows = {"deletion": [], "insertion": [], "corr": []}
-        loc = {"builtin": {"share": [], "hit": []}, "user": {"share": [], "hit": []}}
-        for n, (hm, cls) in maps.items():
+        per_image = {}
+        for n in sorted(maps):
+            hm, cls = maps[n]
             x = xs[n]
-            blurred = _blur(x)
-            rows["deletion"].append(em.perturbation_curve(predict, x, hm, cls, "deletion",
-                                                          torch.zeros_like(x), args.steps))
-            rows["insertion"].append(em.perturbation_curve(predict, x, hm, cls, "insertion",
-                                                           blurred, args.steps))
-            kind, box = boxes[n]
-            im = pil[n]
-            cb = crop_box(box, im.width, im.height, resize, crop_size)
-            loc[kind]["share"].append(em.relevance_in_box(hm, cb, crop_size))
-            loc[kind]["hit"].append(em.pointing_game(hm, cb, crop_size))
-            rows["corr"].append(em.rank_correlation(hm, rand_maps[n][0]))
-        dele, ins = np.mean(rows["deletion"], 0), np.mean(rows["insertion"], 0)
-        corr = float(np.mean(rows["corr"]))
+            dele = em.perturbation_curve(predict, x, hm, cls, "deletion", torch.zeros_like(x),
+                                         args.steps)
+            ins = em.perturbation_curve(predict, x, hm, cls, "insertion", _blur(x), args.steps)
+            cbs = images[n]["crop_boxes"]
+            per_image[n] = {
+                "class": cls, "map": hm.tolist(),
+                "deletion_curve": dele.tolist(), "insertion_curve": ins.tolist(),
+                "deletion_auc": em.auc(dele), "insertion_auc": em.auc(ins),
+                "share": em.relevance_in_box(hm, cbs, crop_size) if cbs else None,
+                "hit": em.pointing_game(hm, cbs, crop_size) if cbs else None,
+                "randomisation_corr": em.rank_correlation(hm, rand_maps[n][0]),
+            }
+        rows = per_image.values()
+        dele = np.mean([r["deletion_curve"] for r in rows], 0)
+        ins = np.mean([r["insertion_curve"] for r in rows], 0)
+        corr = float(np.mean([r["randomisation_corr"] for r in rows]))
+        loc = {}
+        for kind in ("builtin", "user"):
+            scored = [r for n, r in per_image.items()
+                      if images[n]["set"] == kind and r["share"] is not None]
+            loc[f"{kind}_share"] = float(np.mean([r["share"] for r in scored])) if scored else None
+            loc[f"{kind}_hit"] = float(np.mean([r["hit"] for r in scored])) if scored else None
+            loc[f"{kind}_scored"] = len(scored)
         result["methods"][method] = {
             "deletion_auc": em.auc(dele), "insertion_auc": em.auc(ins),
-            "deletion_curve": dele.tolist(), "insertion_curve": ins.tolist(),
-            **{f"{k}_{m}": (float(np.mean(v[m])) if v[m] else None)
-               for k, v in loc.items() for m in ("share", "hit")},
+            "deletion_curve": dele.tolist(), "insertion_curve": ins.tolist(), **loc,
             "randomisation_corr": corr, "randomisation_pass": corr <= args.sanity_threshold,
-            "job_seconds": job_s,
-            "examples": {n: maps[n][0].tolist() for n in examples},
+            "job_seconds": job_s, "examples": examples, "per_image": per_image,
         }
         log.info("%s %s done in %.0f s", model, method, job_s)
     cost_crops = np.stack([np.asarray(crops[n]) for n in sorted(crops)[:args.cost_images]])
@@ -245,6 +291,13 @@ def table(results: dict, methods: list[str]) -> str:
                 f"| {s['randomisation_corr']:.2f} ({verdict}) "
                 f"| {r['cost_cpu'][m]['ms']:.0f} | {r['cost_cpu'][m]['ratio']:.1f} "
                 f"| {f(gpu, '{:.1f}') if gpu is not None else 'not measured'} |")
+        chance = {}
+        for kind in ("builtin", "user"):
+            areas = [im["box_area"] for im in r["images"].values()
+                     if im["set"] == kind and im["box_area"] is not None]
+            chance[kind] = float(np.mean(areas)) if areas else None
+        lines.append(f"| {model} | (uniform map = box area) | | | {f(chance['builtin'])} | "
+                     f"| {f(chance['user'])} | | | | | |")
         lines.append(f"| {model} | (forward pass) | | | | | | | "
                      f"| {r['cost_cpu']['forward']['ms']:.0f} | 1.0 | |")
     return "\n".join(lines)
@@ -277,7 +330,7 @@ def figure(results: dict, methods: list[str], path: str) -> None:
                 row[0].axis("off")
                 row[1].axis("off")
             for ax, m in zip(row[2:], methods):
-                hm = np.asarray(r["methods"][m]["examples"][name], np.float32)
+                hm = np.asarray(r["methods"][m]["per_image"][name]["map"], np.float32)
                 png = overlay_png(r["example_crops"][name], hm)
                 ax.imshow(Image.open(io.BytesIO(png)))
                 ax.set_xticks([])
@@ -302,7 +355,19 @@ def main() -> None:
     if args.images or args.boxes:
         if not (args.images and args.boxes):
             raise SystemExit("--images and --boxes go together")
-        user_boxes = read_boxes(args.boxes)
+        try:
+            user_boxes = read_boxes(args.boxes)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        missing = sorted(n for n in user_boxes if not os.path.isfile(os.path.join(args.images, n)))
+        if missing:
+            raise SystemExit(f"{args.boxes} names {len(missing)} file(s) not in {args.images}: "
+                             f"{', '.join(missing[:10])}")
+        if not user_boxes:
+            raise SystemExit(f"{args.boxes} lists no boxes")
+        unboxed = len(set(os.listdir(args.images)) - set(user_boxes) - {os.path.basename(args.boxes)})
+        if unboxed:
+            log.info("%d file(s) in %s have no box and are left out", unboxed, args.images)
     work = args.work or os.path.join(args.out, "work")
     os.makedirs(work, exist_ok=True)
     results = {m: bench_model(m, weights.get(m, "DEFAULT"), methods, args, work, user_boxes)

@@ -43,10 +43,28 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def ray_address(ray_local) -> str:
+    """The session Ray's GCS address: a job subprocess given it as RAY_ADDRESS joins that Ray
+    (as a driver joins a running cluster) instead of starting and stopping one of its own."""
+    return ray_local.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
+def submit_head():
+    """`(address, env)` of one `ray start --head` (token auth, 2 CPUs) for the whole session:
+    the tests that go through `ray job submit` share it instead of each starting a cluster."""
+    from raycluster import cluster_env, ray_head
+
+    env = cluster_env()
+    with ray_head(env=env) as address:
+        yield address, env
+
+
+@pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> str:
-    """A folder of 34 real photos (crops and rescales), JPEG, PNG and WebP, varied sizes."""
+    """A folder of 16 real photos (crops and rescales), JPEG, PNG and WebP, varied sizes."""
     folder = str(tmp_path_factory.mktemp("photos"))
-    write_samples(folder, count=34, seed=1)
+    write_samples(folder, count=16, seed=1)
     return folder
 
 

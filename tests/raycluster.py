@@ -19,6 +19,26 @@ import urllib.request
 from dataclasses import dataclass, field
 
 BIN = os.path.dirname(sys.executable)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def job_submit(address: str, env: dict[str, str], argv: list[str], *,
+               runtime_env: dict | None = None, timeout: float = 420,
+               agent_wait: float = 120) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir <repo> -- <argv>`, as the README says, waiting for it.
+    A fresh head's dashboard answers before its job agent is up ("No available agent"):
+    nothing was submitted then, so it is tried again for up to `agent_wait` seconds."""
+    cmd = [os.path.join(BIN, "ray"), "job", "submit", f"--address={address}",
+           "--working-dir", ROOT]
+    if runtime_env:
+        cmd += ["--runtime-env-json", json.dumps(runtime_env)]
+    deadline = time.monotonic() + agent_wait
+    while True:
+        job = subprocess.run([*cmd, "--", *argv], env=env, capture_output=True, text=True,
+                             timeout=timeout, cwd=ROOT)
+        if "No available agent" not in job.stdout + job.stderr or time.monotonic() > deadline:
+            return job
+        time.sleep(3)
 
 
 def free_port() -> int:
@@ -33,60 +53,26 @@ def cluster_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
     env["RAY_AUTH_MODE"] = "token"  # Ray 2.60's head demands a token on its jobs API
     env.pop("RAY_ADDRESS", None)
+    # A stopped test node goes at once: Ray 2.60 drains a node on SIGTERM for up to 30 s
+    # (for Serve replicas behind a proxy; nothing here needs it).
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     env.update(extra or {})
     return env
 
 
 @contextlib.contextmanager
 def ray_head(num_cpus: int = 2, env: dict[str, str] | None = None):
-    """Start a head node in its own process group and yield the dashboard (jobs API) address.
-
-    The whole process group is killed afterwards: `ray stop` would also stop every other Ray
-    instance on the machine, including the test session's own.
-    """
-    env = env or cluster_env()
-    dashboard = free_port()
-    cmd = [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}",
-           f"--port={free_port()}", f"--dashboard-port={dashboard}",
-           "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-           f"--dashboard-agent-listen-port={free_port()}",
-           f"--dashboard-agent-grpc-port={free_port()}",
-           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-           f"--ray-client-server-port={free_port()}"]
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"ray start exited:\n{log.read()}")
-            try:
-                urllib.request.urlopen(address + "/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # it answers (401 without a token is fine: the jobs API is up)
-            except OSError:
-                if time.time() > deadline:
-                    raise TimeoutError("the Ray dashboard did not come up in 120 s") from None
-                time.sleep(1)
-        yield address
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    """A head node alone, with CPUs for the work; yields the dashboard (jobs API) address.
+    `env` gets the cluster's token (RAY_AUTH_TOKEN) for the `ray job submit` calls."""
+    with ray_cluster(env, head_cpus=num_cpus) as cluster:
+        yield cluster.address
 
 
 #: The smallest object store Ray accepts (75 MiB is its floor): three nodes on a small machine.
 SMALL_OBJECT_STORE = 80 * 1024 * 1024
+
+#: What `ray start` prints once its node is registered with the GCS.
+RUNTIME_STARTED = "Ray runtime started."
 
 
 @dataclass
@@ -97,7 +83,8 @@ class Node:
     proc: subprocess.Popen
     log: object
     alive: bool = True
-    node_id: str | None = None  # Ray's id for it (worker nodes, once joined)
+    node_id: str | None = None  # Ray's id for it (worker nodes: Cluster.resolve_node_ids)
+    port: int | None = None  # its node manager port
 
     def descendants(self) -> list:
         """Every process the node started. Its raylet and agents share the node's process
@@ -136,6 +123,12 @@ class Node:
         self.log.seek(0)
         return self.log.read()
 
+    def peek(self) -> str:
+        """The output so far, while the node still writes to it: read through a new open
+        file (own offset), as seeking the shared one would make the node overwrite its log."""
+        with open(f"/proc/self/fd/{self.log.fileno()}") as f:
+            return f.read()
+
 
 @dataclass
 class Cluster:
@@ -147,40 +140,55 @@ class Cluster:
     def add_worker(self, name: str, *, num_cpus: float = 1,
                    resources: dict[str, float] | None = None, timeout: float = 120) -> Node:
         """Start a worker node that joins the head; wait until the cluster counts it."""
-        before = self.alive_node_ids()
+        port = free_port()
         cmd = [os.path.join(BIN, "ray"), "start", f"--address={self.gcs}", "--block",
                f"--num-cpus={num_cpus}", "--num-gpus=0",
                f"--object-store-memory={SMALL_OBJECT_STORE}",
                f"--resources={json.dumps(resources or {})}",
-               f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+               f"--node-manager-port={port}", f"--object-manager-port={free_port()}",
                f"--metrics-export-port={free_port()}",
                f"--dashboard-agent-listen-port={free_port()}",
                f"--dashboard-agent-grpc-port={free_port()}",
                f"--runtime-env-agent-port={free_port()}", "--node-ip-address=127.0.0.1",
                "--disable-usage-stats"]
         node = _spawn(name, cmd, self.env)
+        node.port = port
         self.nodes[name] = node
         deadline = time.time() + timeout
-        while not (new := self.alive_node_ids() - before):
+        # `ray start` prints this only once the GCS has the node registered (ray's
+        # Node.__init__ waits for it): no client needs to connect and ask.
+        while RUNTIME_STARTED not in node.peek():
             if node.proc.poll() is not None:
                 raise RuntimeError(f"ray start ({name}) exited:\n{node.output()}")
             if time.time() > deadline:
                 raise TimeoutError(f"worker node {name} did not join in {timeout:.0f} s")
-            time.sleep(1)
-        node.node_id = new.pop()
+            time.sleep(0.2)
         return node
 
-    def alive_node_ids(self) -> set[str]:
-        """Ray ids of the alive nodes, as the GCS sees them (`ray status` would need the
-        autoscaler)."""
+    def _table(self) -> list[tuple[str, bool, int]]:
+        """(node id, alive, node manager port) of every node the GCS knows, dead ones too."""
         out = subprocess.run(
             [sys.executable, "-c",
              "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-             "print(','.join(n['NodeID'] for n in ray.nodes() if n['Alive']))", self.gcs],
+             "print(';'.join(f\"{n['NodeID']},{int(n['Alive'])},{n['NodeManagerPort']}\" "
+             "for n in ray.nodes()))", self.gcs],
             capture_output=True, text=True, env=self.env, timeout=120)
         if out.returncode != 0 or not out.stdout.strip():
-            return set()
-        return set(filter(None, out.stdout.strip().splitlines()[-1].split(",")))
+            return []
+        rows = [r.split(",") for r in out.stdout.strip().splitlines()[-1].split(";") if r]
+        return [(i, a == "1", int(p)) for i, a, p in rows]
+
+    def resolve_node_ids(self) -> None:
+        """Set each worker node's Ray id (`Node.node_id`), matched by its node manager port:
+        one client call, so ask once the workers are up."""
+        by_port = {p: i for i, _, p in self._table()}
+        for node in self.nodes.values():
+            if node.port in by_port:
+                node.node_id = by_port[node.port]
+
+    def alive_node_ids(self) -> set[str]:
+        """Ray ids of the alive nodes, as the GCS sees them."""
+        return {i for i, alive, _ in self._table() if alive}
 
 
 def _kill_all(procs: list) -> None:

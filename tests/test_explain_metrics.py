@@ -9,6 +9,7 @@ import torch
 
 from resnet_features.tools.explain_metrics import (
     auc,
+    box_area,
     box_fractions,
     perturbation_curve,
     pointing_game,
@@ -16,7 +17,7 @@ from resnet_features.tools.explain_metrics import (
     rank_correlation,
     relevance_in_box,
 )
-from resnet_features.tools.explain_scenes import cell_labels, crop_box
+from resnet_features.tools.explain_scenes import cell_labels, crop_box, read_boxes
 
 CROP = 64  # 2x2 grid of 32-px cells: the cells are the quadrants
 TL, TR, BL, BR = (np.eye(4)[i] for i in range(4))  # maps marking one quadrant
@@ -64,6 +65,46 @@ def test_localisation_by_hand():
     assert pointing_game(TL, box, CROP) and not pointing_game(BR, box, CROP)
     # the tolerance: the TR cell's centre (48, 16) is 16 px right of the box, 15 px is not enough
     assert not pointing_game(TR, box, CROP) and pointing_game(TR, box, CROP, tolerance=16)
+
+
+def test_several_boxes_count_as_their_union():
+    """Two overlapping boxes: the top-right cell is covered by x 32..48 (full height) and by
+    y 0..16 (full width), 512 + 512 - 256 (overlap) of its 1024 px; a sum of the two boxes
+    would count 1.0 there and 1.25 in the top-left cell."""
+    a, b = (0, 0, 48, 32), (16, 0, 64, 16)
+    np.testing.assert_allclose(box_fractions([a, b], 2, CROP), [1, .75, 0, 0])
+    assert relevance_in_box(TR, [a, b], CROP) == pytest.approx(0.75)
+    assert relevance_in_box(np.ones(4), [a, b], CROP) == pytest.approx(1.75 / 4)
+    # a box given twice is the box once
+    np.testing.assert_allclose(box_fractions([a, a], 2, CROP), box_fractions(a, 2, CROP))
+    # a box with edges off the cell grid: 10..50 x 20..40 covers 22 x 12 of TL, 18 x 12 of TR,
+    # 22 x 8 of BL, 18 x 8 of BR
+    np.testing.assert_allclose(box_fractions((10, 20, 50, 40), 2, CROP),
+                               np.array([22 * 12, 18 * 12, 22 * 8, 18 * 8]) / 1024)
+    assert box_area([a, b], CROP) == pytest.approx(1.75 / 4)  # a uniform map's share
+    assert box_area((10, 20, 50, 40), CROP) == pytest.approx(40 * 20 / 64 ** 2)
+    tl, br = (0, 0, 32, 32), (32, 32, 64, 64)
+    assert pointing_game(BR, [tl, br], CROP) and not pointing_game(BR, [tl], CROP)
+
+
+def test_an_empty_map_has_no_peak():
+    whole = (0, 0, CROP, CROP)
+    assert not pointing_game(np.zeros(4), whole, CROP)
+    assert relevance_in_box(np.zeros(4), whole, CROP) == 0.0
+    assert pointing_game(TL, whole, CROP) and relevance_in_box(TL, whole, CROP) == 1.0
+
+
+def test_boxes_file(tmp_path):
+    path = tmp_path / "boxes.csv"
+    path.write_text("file,x0,y0,x1,y1\nsub/a.jpg,1,2,30,40\nb.png,0,0,8.0,9\na.jpg,5,5,6,6\n")
+    assert read_boxes(str(path)) == {"a.jpg": [(1, 2, 30, 40), (5, 5, 6, 6)],
+                                     "b.png": [(0, 0, 8, 9)]}
+    path.write_text("file,x0,y0,x1,y1\na.jpg,10,2,10,40\n")
+    with pytest.raises(ValueError, match="line 2: the box .* is empty"):
+        read_boxes(str(path))
+    path.write_text("file,x,y,w,h\na.jpg,1,2,3,4\n")
+    with pytest.raises(ValueError, match="missing x0, x1, y0, y1"):
+        read_boxes(str(path))
 
 
 def test_box_to_crop_follows_torchvision_transform():

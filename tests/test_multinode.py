@@ -134,6 +134,7 @@ def test_multinode_cluster_writes_on_workers_and_survives_lost_nodes(
     with ray_cluster() as cluster:
         model = cluster.add_worker("model", num_cpus=1, resources={"model_node": 1})
         cpu = cluster.add_worker("cpu", num_cpus=1)
+        cluster.resolve_node_ids()
 
         # 1. The whole run: parts written on worker nodes, the same rows as on one node.
         code, log = finish(submit(cluster, job_args(inp, out, resnet18_weights, "r",
@@ -189,6 +190,7 @@ def test_lost_only_model_node_fails_in_bounded_time_and_resumes(resnet18_weights
     with ray_cluster() as cluster:
         model = cluster.add_worker("model", num_cpus=1, resources={"model_node": 1})
         cluster.add_worker("cpu", num_cpus=1)
+        cluster.resolve_node_ids()
         job = submit(cluster, job_args(inp, out, resnet18_weights, "model-lost", *CLUSTER_FLAGS))
         wait_for_commit(os.path.join(staging, "run=model-lost"), job, cluster)
         model.kill()

@@ -593,3 +593,21 @@ def test_storage_faults_are_retried_then_fail_the_run(tmp_path):
     reader._fs = _FlakyStore(failures=3)
     with pytest.raises(OSError, match="failed 3 times.*ConnectionError"):
         reader(dict(batch))
+
+
+def test_read_only_batches_put_no_warning_in_the_log():
+    """Ray hands the model actor read-only batches (zero-copy from the object store): torch's
+    warning about non-writable arrays would land in every job's log. A fresh process, as torch
+    warns only once per process."""
+    code = ("import numpy as np\n"
+            "from resnet_features.core.models import resolve_model\n"
+            "from resnet_features.extract.inference import ModelRunner\n"
+            "spec, state = resolve_model('resnet18', 'random')\n"
+            "a = np.zeros((1, 32, 32, 3), np.uint8)\n"
+            "a.flags.writeable = False\n"
+            "x = ModelRunner(spec, state).to_device(a)\n"
+            "assert x.shape == (1, 32, 32, 3)\n")
+    res = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -14,20 +14,15 @@ import io
 import json
 import os
 import re
-import secrets
-import shutil
-import socket
-import subprocess
 import sys
 import tarfile
-import tempfile
-import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import ROOT, cosine, make_cfg, reference_outputs, run_stages
+from raycluster import job_submit
 from s3_server import SECRET_KEY, moto_s3
 
 from resnet_features.extract.inputs import InputSpec, ReadBytes, list_inputs
@@ -316,99 +311,20 @@ def test_s3_job_and_secrets_stay_out(s3, job_output, stage_outputs, dataset):
     assert summary["config"]["storage_options"] == ["client_kwargs", "key", "secret"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_cluster(head: subprocess.Popen, temp_dir: str) -> None:
-    """Stop only the Ray processes this test started: `ray stop` would kill every Ray process
-    on the machine (other test sessions included), so match the head's process tree and the
-    private temp dir, and signal those processes by pid."""
-    import psutil
-
-    procs = {}
-    try:
-        root = psutil.Process(head.pid)
-        procs = {p.pid: p for p in [root] + root.children(recursive=True)}
-    except psutil.NoSuchProcess:
-        pass
-    for p in psutil.process_iter(["cmdline"]):
-        if temp_dir in " ".join(p.info["cmdline"] or []):
-            procs[p.pid] = p
-    for p in procs.values():
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _gone, alive = psutil.wait_procs(list(procs.values()), timeout=15)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    head.wait(timeout=30)
-
-
-def _wait_for_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"Ray dashboard did not open port {port} in {timeout:.0f}s")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_ray_job_submit_s3(s3, dataset, resnet18_weights):
-    """`ray start --head` + `ray job submit` with s3:// in and out; credentials and endpoint come
-    from the standard environment variables (AWS_ENDPOINT_URL), not from flags."""
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+def test_ray_job_submit_s3(s3, dataset, resnet18_weights, submit_head):
+    """`ray job submit` with s3:// in and out on a `ray start --head` cluster; credentials and
+    endpoint reach the job as the standard environment variables (AWS_ENDPOINT_URL, ...) of
+    its runtime environment, as on a cluster, not as flags."""
     fs = s3.fs()
     fs.put(resnet18_weights, f"{BUCKET}/weights/resnet18.pth")
-    env = dict(os.environ, **s3.env(), RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN=secrets.token_hex(16))
-    env.pop("RAY_ADDRESS", None)
-    gcs, dash = _free_port(), _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rf-s3-", dir="/tmp")  # short: socket paths are limited
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--num-gpus=0",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
-         "--include-dashboard=true", "--disable-usage-stats",
-         # explicit free ports: the defaults clash with any other Ray on this machine
-         f"--dashboard-agent-listen-port={_free_port()}",
-         f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-         f"--ray-client-server-port={_free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = f"s3://{BUCKET}/out/submitted"
-
-    def _submit() -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}",
-             "--working-dir", ROOT, "--runtime-env-json",
-             json.dumps({"excludes": [".venv", ".git", "demo", "*.pth"]}), "--",
-             sys.executable, "jobs/extract.py", "--input", f"s3://{BUCKET}/tar/",
-             "--output", out, "--model", "resnet18",
-             "--weights", f"s3://{BUCKET}/weights/resnet18.pth", "--device", "cpu",
-             "--run-id", "t"],
-            env=env, capture_output=True, text=True, timeout=420)
-
-    try:
-        _wait_for_port(dash, 180)
-        deadline = time.monotonic() + 120
-        while True:
-            job = _submit()
-            # The dashboard answers before its job agent is up; nothing was submitted then.
-            if "No available agent" not in job.stderr + job.stdout or time.monotonic() > deadline:
-                break
-            time.sleep(3)
-    finally:
-        _stop_cluster(head, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    address, env = submit_head
+    job = job_submit(address, env, [
+        sys.executable, "jobs/extract.py", "--input", f"s3://{BUCKET}/tar/", "--output", out,
+        "--model", "resnet18", "--weights", f"s3://{BUCKET}/weights/resnet18.pth",
+        "--device", "cpu", "--run-id", "t"], runtime_env={"env_vars": s3.env()})
     logs = job.stdout + job.stderr
     assert job.returncode == 0, logs[-4000:]
     assert "SUCCEEDED" in logs and SECRET_KEY not in logs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,8 +123,15 @@ class ModelRunner:
         On GPU, host pixels go through one reusable pinned buffer (or straight from memory that
         is already pinned): page-locked memory lets the DMA engine copy while this process
         moves on, and reusing the buffer avoids a cudaHostAlloc of ~40 MB per batch."""
-        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(
-            np.ascontiguousarray(images))
+        if isinstance(images, torch.Tensor):
+            x = images
+        else:
+            with warnings.catch_warnings():
+                # Ray hands batches read-only (zero-copy from the object store); the model only
+                # reads them, so torch's warning about non-writable arrays is noise in the log.
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable",
+                                        UserWarning)
+                x = torch.from_numpy(np.ascontiguousarray(images))
         if self.device.type != "cuda" or x.device.type == "cuda":
             return x.to(self.device)
         if not x.is_pinned():

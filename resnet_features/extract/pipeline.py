@@ -43,12 +43,23 @@ from resnet_features.extract.inputs import (
     check_input_exists,
     list_inputs,
     listing_blocks,
+    prefixes,
+    stages_listing,
 )
 from resnet_features.extract.inputs.boxes import attach_boxes
 from resnet_features.extract.outputs import build_outputs, units_metadata
 from resnet_features.extract.outputs.grid import geometry_of
+from resnet_features.extract.staged import (
+    LISTING_DIR,
+    StagedListing,
+    StagedWork,
+    WorkChunk,
+    load_chunk,
+    select_staged,
+)
 from resnet_features.extract.writer import CommitLog, PartSink, auto_rows_per_file
 from resnet_features.runs import protocol as runs
+from resnet_features.runs.ledger import UriLookup
 
 __all__ = ["JobResult", "OutputExistsError", "run"]
 
@@ -59,6 +70,23 @@ TASK_RETRIES = 3
 
 #: Most images per listing block: one read task fetches a block's objects concurrently.
 MAX_READ_GROUP = 64
+
+#: CPUs a task loading one staged listing chunk reserves. Different from the read tasks' own,
+#: so Ray Data does not fuse the load into them (one task would then read a whole chunk).
+LOAD_CHUNK_CPUS = 0.25
+
+#: Listing tasks per cluster CPU (a staged prefix listing: `_list_staged`).
+LIST_TASKS_PER_CPU = 4
+
+#: Ray Data (2.60) hands every pool actor its DataContext and its function (which holds the
+#: weights' ObjectRef) by ObjectRef, and our model actors restart after a lost node
+#: (max_restarts): Ray's core worker then logs an ERROR once per driver, whatever the actor
+#: gets. It cannot be avoided short of max_restarts=0 (no recovery from a lost node).
+RESTART_NOTE = ("the model actors restart after a lost node and Ray Data passes them their "
+                "setup through the object store, so Ray logs an error that an actor 'has "
+                "constructor arguments in the object store and max_restarts > 0': harmless "
+                "here, as this driver holds those objects until the run ends, so a restarted "
+                "actor still finds them")
 
 
 def read_group_size(n_inputs: int, cluster_cpus: float, decode_batch_size: int) -> int:
@@ -127,7 +155,7 @@ class _WriteTask:
 class _Background:
     """A call on a worker thread; `result()` joins it and re-raises its exception."""
 
-    def __init__(self, fn: Callable[[], Any]):
+    def __init__(self, fn: Callable[[], Any], name: str, daemon: bool = False):
         self._out: list[Any] = []
         self._err: list[BaseException] = []
 
@@ -137,7 +165,7 @@ class _Background:
             except BaseException as exc:  # noqa: BLE001 - re-raised by result()
                 self._err.append(exc)
 
-        self._thread = threading.Thread(target=target, name="resolve-model")
+        self._thread = threading.Thread(target=target, name=name, daemon=daemon)
         self._thread.start()
 
     def result(self) -> Any:
@@ -154,7 +182,11 @@ def _init_ray() -> None:
     # machine: join it. Otherwise start a private local instance; never join a dead cluster
     # whose address file a killed `ray start` left behind (ray.init would wait on it forever).
     address = os.environ.get("RAY_ADDRESS") or ("auto" if _local_cluster_alive() else "local")
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    # A private instance lives as long as this run: no dashboard, which would be about ten more
+    # processes to start (ray.init 10.2 -> 4.7 s on 2 cores). A cluster started with
+    # `ray start --head` has its own dashboard.
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+             **({"include_dashboard": False} if address == "local" else {}))
 
 
 def _local_cluster_alive() -> bool:
@@ -188,7 +220,7 @@ def _resolve_device(cfg: ExtractConfig) -> str:
 
 def build_dataset(
     cfg: ExtractConfig,
-    listing: Listing,
+    listing: Listing | StagedWork,
     spec: ModelSpec,
     state_ref: list,
     options: InferenceOptions,
@@ -196,11 +228,17 @@ def build_dataset(
     runner_cls: Callable = ModelRunner,
 ) -> ray.data.Dataset:
     """The streaming Dataset of result batches; nothing runs until it is iterated."""
-    table = listing.table  # listing columns only: carried input columns stay on the driver
-    group = read_group_size(table.num_rows, ray.cluster_resources().get("CPU", 1),
-                            cfg.decode_batch_size)
-    blocks = listing_blocks(listing, group)
-    ds = ray.data.from_arrow(blocks)
+    if isinstance(listing, StagedWork):  # chunks staged by the listing tasks, loaded there
+        n_rows, input_format = listing.num_rows, "images"
+        group = read_group_size(n_rows, ray.cluster_resources().get("CPU", 1),
+                                cfg.decode_batch_size)
+        ds = _staged_dataset(listing, group)
+    else:
+        table = listing.table  # listing columns only: carried input columns stay on the driver
+        n_rows, input_format = table.num_rows, listing.format
+        group = read_group_size(n_rows, ray.cluster_resources().get("CPU", 1),
+                                cfg.decode_batch_size)
+        ds = ray.data.from_arrow(listing_blocks(listing, group))
     decode_options = DecodeOptions(
         max_image_pixels=cfg.max_image_pixels or DecodeOptions().max_image_pixels,
         max_image_bytes=cfg.max_image_bytes,
@@ -222,7 +260,7 @@ def build_dataset(
     with warnings.catch_warnings():
         # Ray 2.60 deprecates retry options as **ray_remote_args but names no replacement yet.
         warnings.simplefilter("ignore", RayDeprecationWarning)
-        read = ReadBytes(cfg.storage_options, input_format=listing.format,
+        read = ReadBytes(cfg.storage_options, input_format=input_format,
                          image_column=cfg.image_column)
         ds = ds.map_batches(_Timed(read, "read"), batch_size=None,
                             batch_format="numpy", num_cpus=cfg.decode_num_cpus,
@@ -230,8 +268,69 @@ def build_dataset(
         ds = ds.map_batches(_Timed(Decode(spec.preprocessing, decode_options), "decode"),
                             batch_size=cfg.decode_batch_size, batch_format="numpy",
                             num_cpus=cfg.decode_num_cpus, max_retries=TASK_RETRIES)
-        return _map_model(ds, cfg, spec, state_ref, options, outputs, runner_cls,
-                          table.num_rows)
+        return _map_model(ds, cfg, spec, state_ref, options, outputs, runner_cls, n_rows)
+
+
+class _LoadChunks:
+    """Rows of staged listing chunks (one item per chunk) to compute, for the read tasks."""
+
+    def __init__(self, storage_options):
+        self.storage_options = storage_options
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.concat_tables([load_chunk(WorkChunk(**item), self.storage_options)
+                                 for item in batch.to_pylist()])
+
+
+def _staged_dataset(work: StagedWork, group: int) -> ray.data.Dataset:
+    """Blocks of about `group` rows from the staged chunks: a task loads a chunk and cuts it
+    (the driver holds only the chunks' paths, first work index and bitmaps)."""
+    items = [{"path": c.path, "base": c.base, "rows": c.rows, "mask": c.mask}
+             for c in work.chunks]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        ds = ds.map_batches(_LoadChunks(work.storage_options), batch_size=1,
+                            batch_format="pyarrow", num_cpus=LOAD_CHUNK_CPUS,
+                            max_retries=TASK_RETRIES)
+    return ds.repartition(target_num_rows_per_block=group)
+
+
+@ray.remote(max_retries=TASK_RETRIES)
+def _list_units_task(storage_options, bucket, units, folder_uri, group):
+    return prefixes.list_units(storage_options, bucket, units, folder_uri, group)
+
+
+def _list_staged(cfg: ExtractConfig, layout: runs.RunLayout, attempt: int
+                 ) -> StagedListing:
+    """List an s3:// prefix of images in Ray tasks into chunks under the run's staging
+    (`inputs/prefixes.py`): the driver plans the parts and keeps their counts and paths."""
+    t0 = time.perf_counter()
+    folder = storage.join(layout.staging, LISTING_DIR)
+    if layout.fs.exists(folder):  # chunks of an earlier attempt
+        layout.fs.rm(folder, recursive=True)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    fs = prefixes.private_fs(cfg.storage_options)
+    bucket, units = prefixes.plan_prefix(fs, cfg.input, want=LIST_TASKS_PER_CPU * cpus)
+    groups = prefixes.group_units(units, LIST_TASKS_PER_CPU * cpus)
+    folder_uri = storage.full_uri(layout.fs, storage.join(folder, f"attempt-{attempt}"))
+    results = ray.get([_list_units_task.remote(cfg.storage_options, bucket, g, folder_uri, i)
+                       for i, g in enumerate(groups)])
+    kinds: dict[str, int] = {}
+    for r in results:
+        for k, v in r["other_kinds"].items():
+            kinds[k] = kinds.get(k, 0) + v
+    listing = StagedListing(chunks=[c for r in results for c in r["chunks"]],
+                            skipped_non_image=sum(r["skipped"] for r in results),
+                            other_kinds=kinds, seconds=time.perf_counter() - t0,
+                            requests=sum(r["requests"] for r in results), units=len(units),
+                            tasks=len(groups),
+                            cpu_seconds=sum(r["cpu_seconds"] for r in results))
+    log.info("listed %d images under %s in %.2fs: %d parts in %d tasks, %d LIST requests, "
+             "%d chunks staged (%d non-image entries ignored)", listing.num_rows, cfg.input,
+             listing.seconds, len(units), len(groups), listing.requests, len(listing.chunks),
+             listing.skipped_non_image)
+    return listing
 
 
 def _node_cpus() -> float:
@@ -583,6 +682,52 @@ def _noop(cfg: ExtractConfig, finished: dict[str, Any]) -> JobResult:
                      reason=reason)
 
 
+INCREMENTAL_REASON = ("same uri + content fingerprint as the newest earlier finished run with "
+                      "this model/weights/preprocessing/task that computed it")
+RETRY_REASON = "only inputs that failed in that run"
+
+
+def _select_staged(cfg: ExtractConfig, layout: runs.RunLayout, listing: StagedListing,
+                   state: runs.RunState, task_fp: str) -> tuple[StagedWork, dict[str, Any]]:
+    """`_select_work` for a staged listing: the same filters, chunk by chunk; the lookups
+    (committed inputs, earlier runs' ledger, failed inputs) are what the driver holds."""
+    skipped: dict[str, Any] = {}
+    committed = None
+    if state.committed.num_rows:
+        committed = UriLookup(state.committed)
+        skipped["resumed_from_earlier_attempt"] = int(state.committed.num_rows)
+    incremental = info = retry = None
+    if cfg.incremental:
+        incremental, info = runs.incremental_lookup(layout.fs, layout.root, task_fp,
+                                                    exclude_run=cfg.run_id)
+    if cfg.retry_errors:
+        retry = runs.failed_lookup(layout.fs, layout.root, cfg.retry_errors)
+    work, counts = select_staged(listing, cfg.storage_options, committed=committed,
+                                 incremental=incremental, retry=retry)
+    if cfg.incremental:
+        skipped["incremental"] = {**counts["incremental"], **info,
+                                  "reason": INCREMENTAL_REASON}
+    if retry is not None:
+        retried = counts["retry_errors"]["retried"]
+        skipped["retry_errors"] = {"failed_in_run": len(retry), "retried": retried,
+                                   "failed_but_gone": len(retry) - retried,
+                                   "run": cfg.retry_errors, "reason": RETRY_REASON}
+    skipped["not_computed"] = int(listing.num_rows - work.num_rows)
+    return work, skipped
+
+
+def _forget_attempt(layout: runs.RunLayout, state: runs.RunState) -> None:
+    """Remove the staging a first attempt made before its listing failed (a usage error),
+    so a bad input leaves nothing behind, as when the listing comes before the attempt."""
+    if state.attempt or state.committed.num_rows:
+        return
+    fs = layout.fs
+    fs.rm(layout.staging, recursive=True)
+    parent = layout.staging.rsplit("/", 1)[0]
+    if fs.exists(parent) and not fs.ls(parent, detail=False):
+        fs.rm(parent, recursive=True)
+
+
 def _select_work(cfg: ExtractConfig, layout: runs.RunLayout, listing: pa.Table,
                  state: runs.RunState, task_fp: str
                  ) -> tuple[pa.Table, dict[str, Any], np.ndarray]:
@@ -598,19 +743,136 @@ def _select_work(cfg: ExtractConfig, layout: runs.RunLayout, listing: pa.Table,
         mask, counts = runs.incremental_decision(layout.fs, layout.root, task_fp, listing,
                                                  exclude_run=cfg.run_id)
         todo &= mask
-        skipped["incremental"] = {**counts,
-                                  "reason": "same uri + content fingerprint as the newest "
-                                  "earlier finished run with this model/weights/"
-                                  "preprocessing/task that computed it"}
+        skipped["incremental"] = {**counts, "reason": INCREMENTAL_REASON}
     if cfg.retry_errors:
         mask, counts = runs.retry_filter(layout.fs, layout.root, cfg.retry_errors, listing)
         todo &= mask
-        skipped["retry_errors"] = {**counts, "run": cfg.retry_errors,
-                                   "reason": "only inputs that failed in that run"}
+        skipped["retry_errors"] = {**counts, "run": cfg.retry_errors, "reason": RETRY_REASON}
     work = listing.filter(pa.array(todo))
     work = work.set_column(0, "index", pa.array(np.arange(work.num_rows, dtype=np.int64)))
     skipped["not_computed"] = int(listing.num_rows - work.num_rows)
     return work, skipped, todo
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the driver prepares before any Ray work: the model, the outputs, the listing and
+    the inputs this attempt computes."""
+
+    spec: ModelSpec
+    state_dict: Any
+    identity: dict[str, Any]
+    task_fp: str
+    units: tuple
+    state: runs.RunState
+    work: Listing | StagedWork  # the listing rows to compute (staged: chunks + bitmaps)
+    n_work: int
+    skipped: dict[str, Any]
+    extra: pa.Table | None
+    listed: dict[str, Any]  # the summary's listing figures
+
+
+def _list(cfg: ExtractConfig) -> Listing:
+    listing = list_inputs(cfg.input, InputSpec(
+        format=cfg.input_format, image_column=cfg.image_column, id_column=cfg.id_column,
+        uri_column=cfg.uri_column, keep_columns=cfg.keep_columns + tuple(
+            c for c in (cfg.boxes_column,) if c and c not in cfg.keep_columns),
+        where=cfg.where),
+        cfg.storage_options)
+    if cfg.boxes_column or cfg.boxes_file:
+        listing = attach_boxes(listing, input_uri=cfg.input, column=cfg.boxes_column,
+                               sidecar=cfg.boxes_file, keep=cfg.keep_columns,
+                               storage_options=cfg.storage_options)
+    return listing
+
+
+def _plan(cfg: ExtractConfig, layout: runs.RunLayout, finished: dict[str, Any] | None,
+          staged: bool = False) -> _Plan | JobResult:
+    """Everything before the model's work: the weights load while a thread lists the inputs.
+    No Ray call (it runs while Ray starts), except a `staged` listing's tasks (an s3:// prefix
+    of images, listed by Ray tasks: Ray is up then). Raises on bad weights, outputs or
+    listing; a run whose publish was cut short is published here (the JobResult)."""
+    if layout.publish_pending() and not cfg.overwrite:
+        log.info("run %s was complete but not fully published: publishing it now", cfg.run_id)
+        manifest = layout.publish()
+        summary = layout.published_summary() or {"status": manifest["status"]}
+        return JobResult(summary=summary, exit_code=0 if manifest["status"] == "succeeded" else 3,
+                         reason=summary.get("reason", "published"))
+    if (layout.fs.exists(layout.final) and finished is None
+            and layout.published_manifest() is None and not cfg.overwrite):
+        raise OutputExistsError(f"{cfg.output}/run={cfg.run_id}/ exists but is no run this job "
+                                f"published; pass --overwrite or choose another --run-id")
+    # A daemon thread: bad weights or outputs fail at once, without waiting for a long listing.
+    listing_job = (None if staged else
+                   _Background(lambda: _list(cfg), name="list-inputs", daemon=True))
+    spec, state_dict = resolve_model(cfg.model, cfg.weights, preprocess_from=cfg.preprocess_from,
+                                     storage_options=cfg.storage_options,
+                                     weights_sha256=cfg.weights_sha256)
+    identity = runs.task_identity(spec, cfg.task, cfg.top_k)
+    if cfg.resize_short is not None:
+        # The uncropped geometry changes every column (the embedding too): such rows never
+        # stand in for centre-crop rows, or for rows of another geometry, box source or layer.
+        identity["detection"] = {k: getattr(cfg, k) for k in (
+            "resize_short", "max_size", "grid", "boxes_column", "boxes_file", "boxes_frame",
+            "region_layer", "region_dtype", "region_maps")}
+    task_fp = runs.fingerprint_of(identity)
+    units = build_outputs(cfg, spec)  # a bad --head or --explain-class fails here
+    state: runs.RunState | None = None
+    staged_listing: StagedListing | None = None
+    if staged:  # listed in Ray tasks into the attempt's staging, never whole here
+        state = layout.start_attempt(task_fp, fresh=cfg.overwrite)
+        staged_listing = _list_staged(cfg, layout, state.attempt)
+        if not staged_listing.num_rows:
+            if cfg.input_format == "auto" and staged_listing.other_kinds:
+                # shards, tables or manifests: listed by their format below
+                layout.fs.rm(storage.join(layout.staging, LISTING_DIR), recursive=True)
+                staged_listing = None
+            else:
+                _forget_attempt(layout, state)
+                staged_listing.check(cfg.input)
+    if staged_listing is not None:
+        work, skipped = _select_staged(cfg, layout, staged_listing, state, task_fp)
+        extra, n_work = None, work.num_rows
+        listed = {"listed": staged_listing.num_rows, "listing_seconds": staged_listing.seconds,
+                  "bytes_listed": staged_listing.bytes,
+                  "skipped_non_image": staged_listing.skipped_non_image,
+                  "input_format": staged_listing.format,
+                  "input_objects": staged_listing.num_rows + staged_listing.skipped_non_image,
+                  "listing": {"staged": True, "parts": staged_listing.units,
+                              "tasks": staged_listing.tasks,
+                              "list_requests": staged_listing.requests,
+                              "chunks": len(staged_listing.chunks),
+                              "task_cpu_seconds": round(staged_listing.cpu_seconds, 2)}}
+    else:
+        listing = listing_job.result() if listing_job is not None else _list(cfg)
+        for unit in units:
+            unit.sized_for(listing.table)
+        table = listing.table
+        if cfg.fingerprint == "hash":
+            if listing.format in ("tar", "parquet"):
+                raise ConfigError("--fingerprint hash reads whole objects by URI: it works for "
+                                  "images and manifests, not for tar members or Parquet rows "
+                                  "(their stat fingerprint already covers the shard's size "
+                                  "and ETag/mtime)")
+            table = runs.hash_fingerprints(table, cfg.storage_options)
+        if state is None:
+            state = layout.start_attempt(task_fp, fresh=cfg.overwrite)
+        work_table, skipped, todo = _select_work(cfg, layout, table, state, task_fp)
+        if cfg.where:
+            skipped["filtered"] = listing.filtered  # rows --where left out: never listed
+        extra = listing.extra.filter(pa.array(todo)) if listing.extra is not None else None
+        work = replace(listing, table=work_table, extra=extra)
+        n_work = work_table.num_rows
+        listed = {"listed": table.num_rows, "listing_seconds": listing.seconds,
+                  "bytes_listed": int(pc.sum(table.column("size_bytes")).as_py() or 0),
+                  "skipped_non_image": listing.skipped_non_image,
+                  "input_format": listing.format, "input_objects": listing.sources,
+                  "listing": {"staged": False}}
+    log.info("run %s attempt %d: %d of %d listed inputs to compute (%s)", cfg.run_id,
+             state.attempt, n_work, listed["listed"], skipped)
+    return _Plan(spec=spec, state_dict=state_dict, identity=identity, task_fp=task_fp,
+                 units=units, state=state, work=work, n_work=n_work, skipped=skipped,
+                 extra=extra, listed=listed)
 
 
 def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
@@ -626,75 +888,34 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     if cfg.device == "cuda":  # a cluster without GPUs fails here, before any weights or output
         _init_ray()
         _resolve_device(cfg)
-    def resolve() -> tuple[ModelSpec, Any]:
-        return resolve_model(cfg.model, cfg.weights, preprocess_from=cfg.preprocess_from,
-                             storage_options=cfg.storage_options,
-                             weights_sha256=cfg.weights_sha256)
-
+    staged = (not (cfg.boxes_column or cfg.boxes_file) and cfg.fingerprint != "hash"
+              and stages_listing(cfg.input, cfg.input_format, cfg.storage_options))
+    if staged:
+        _init_ray()  # the listing itself runs in Ray tasks
     if ray.is_initialized() or cfg.incremental or cfg.retry_errors:
-        spec, state_dict = resolve()
+        plan = _plan(cfg, layout, finished, staged)
     else:
-        # Overlap the two slow parts of start-up (on 2 cores, ray.init 5-15 s; torchvision's
-        # import and the weights 3-5 s): Ray's processes start while a thread loads the weights
-        # (ray.init stays on the main thread, where it sets its signal handlers). Not for
-        # --incremental/--retry-errors runs, which may find nothing to compute and then need no
-        # Ray at all.
-        resolving = _Background(resolve)
+        # Overlap start-up: Ray's processes start (on 2 cores, ray.init takes 5-15 s) while a
+        # thread loads the weights, lists the inputs and starts the attempt (ray.init stays on
+        # the main thread, where it sets its signal handlers). Not for --incremental/
+        # --retry-errors runs, which may find nothing to compute and then need no Ray at all.
+        planning = _Background(lambda: _plan(cfg, layout, finished), name="plan")
         try:
             _init_ray()
         finally:
-            spec, state_dict = resolving.result()
-    identity = runs.task_identity(spec, cfg.task, cfg.top_k)
-    if cfg.resize_short is not None:
-        # The uncropped geometry changes every column (the embedding too): such rows never
-        # stand in for centre-crop rows, or for rows of another geometry, box source or layer.
-        identity["detection"] = {k: getattr(cfg, k) for k in (
-            "resize_short", "max_size", "grid", "boxes_column", "boxes_file", "boxes_frame",
-            "region_layer", "region_dtype", "region_maps")}
-    task_fp = runs.fingerprint_of(identity)
-    if layout.publish_pending() and not cfg.overwrite:
-        log.info("run %s was complete but not fully published: publishing it now", cfg.run_id)
-        manifest = layout.publish()
-        summary = layout.published_summary() or {"status": manifest["status"]}
-        return JobResult(summary=summary, exit_code=0 if manifest["status"] == "succeeded" else 3,
-                         reason=summary.get("reason", "published"))
-    if (fs.exists(layout.final) and finished is None and layout.published_manifest() is None
-            and not cfg.overwrite):
-        raise OutputExistsError(f"{cfg.output}/run={cfg.run_id}/ exists but is no run this job "
-                                f"published; pass --overwrite or choose another --run-id")
-    units = build_outputs(cfg, spec)  # a bad --head or --explain-class fails here
-    listing = list_inputs(cfg.input, InputSpec(
-        format=cfg.input_format, image_column=cfg.image_column, id_column=cfg.id_column,
-        uri_column=cfg.uri_column, keep_columns=cfg.keep_columns + tuple(
-            c for c in (cfg.boxes_column,) if c and c not in cfg.keep_columns),
-        where=cfg.where),
-        cfg.storage_options)
-    if cfg.boxes_column or cfg.boxes_file:
-        listing = attach_boxes(listing, input_uri=cfg.input, column=cfg.boxes_column,
-                               sidecar=cfg.boxes_file, keep=cfg.keep_columns,
-                               storage_options=cfg.storage_options)
-    for unit in units:
-        unit.sized_for(listing.table)
-    table = listing.table
-    if cfg.fingerprint == "hash":
-        if listing.format in ("tar", "parquet"):
-            raise ConfigError("--fingerprint hash reads whole objects by URI: it works for images "
-                             "and manifests, not for tar members or Parquet rows (their stat "
-                             "fingerprint already covers the shard's size and ETag/mtime)")
-        table = runs.hash_fingerprints(table, cfg.storage_options)
-    state = layout.start_attempt(task_fp, fresh=cfg.overwrite)
-    work, skipped, todo = _select_work(cfg, layout, table, state, task_fp)
-    if cfg.where:
-        skipped["filtered"] = listing.filtered  # rows --where left out: never listed, no errors
-    extra = listing.extra.filter(pa.array(todo)) if listing.extra is not None else None
-    log.info("run %s attempt %d: %d of %d listed inputs to compute (%s)", cfg.run_id,
-             state.attempt, work.num_rows, table.num_rows, skipped)
+            plan = planning.result()
+    if isinstance(plan, JobResult):
+        return plan
+    spec, state_dict, task_fp, units = plan.spec, plan.state_dict, plan.task_fp, plan.units
+    identity = plan.identity
+    state, work, n_work, skipped = plan.state, plan.work, plan.n_work, plan.skipped
+    extra, listed = plan.extra, plan.listed
     options, device, missing = None, "none", []
     commits = CommitLog(0)
     rows_per_file = cfg.rows_per_file or auto_rows_per_file(units)
     extras = units_metadata(units)
     work_seconds = 0.0
-    if work.num_rows:
+    if n_work:
         _init_ray()
         device = _resolve_device(cfg)
         options = InferenceOptions(device=device, precision=cfg.precision, compile=cfg.compile)
@@ -713,19 +934,14 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         sink = PartSink(layout.staging_uri(), units=units, file_metadata=file_metadata,
                         storage_options=cfg.storage_options, attempt=state.attempt,
                         extra_schema=extra.schema if extra is not None else None)
-        commits = CommitLog(work.num_rows)
+        commits = CommitLog(n_work)
         state_ref = [ray.put(state_dict)] if state_dict is not None else []
-        if state_ref:
-            log.info("the model actors get the weights through the object store: Ray logs an "
-                     "error that their constructor arguments are there with max_restarts > 0; "
-                     "harmless here, as this driver holds them until the run ends, so a "
-                     "restarted actor still finds them")
+        log.info(RESTART_NOTE)
         extra_ref = [ray.put(extra)] if extra is not None else []
-        ds = build_dataset(cfg, replace(listing, table=work, extra=extra), spec,
-                           state_ref, options, units, runner_cls)
+        ds = build_dataset(cfg, work, spec, state_ref, options, units, runner_cls)
         ds = _write_stage(ds, cfg, sink, extra_ref, rows_per_file)
         work_t0 = time.perf_counter()
-        progress = _Progress(work.num_rows, work_t0)
+        progress = _Progress(n_work, work_t0)
         watchdog = _ModelNodeWatchdog(cfg, device,
                                       own_node=ray.get_runtime_context().get_node_id())
 
@@ -749,11 +965,14 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
                 raise
             raise ModelNodeLost(f"{reason} ({type(exc).__name__}: {exc})") from exc
         work_seconds = time.perf_counter() - work_t0
-        missing = [work.column("uri")[i].as_py() for i in commits.missing_indices()[:10]]
-        missing_count = len(commits.missing_indices())
-        tmp = storage.join(layout.staging, runs.TMP_DIR)
-        if fs.exists(tmp):
-            fs.rm(tmp, recursive=True)
+        lost = commits.missing_indices()
+        missing = (work.uris_at(lost[:10]) if isinstance(work, StagedWork) else
+                   [work.table.column("uri")[i].as_py() for i in lost[:10]])
+        missing_count = len(lost)
+        for scratch in (runs.TMP_DIR, LISTING_DIR):
+            path = storage.join(layout.staging, scratch)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
         skipped["duplicate_rows_dropped"] = commits.duplicates_dropped
     else:
         missing_count = 0
@@ -768,8 +987,8 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         "run_id": cfg.run_id,
         "attempt": state.attempt,
         "inputs": total,
-        "listed": table.num_rows,
-        "computed": work.num_rows,
+        "listed": listed["listed"],
+        "computed": n_work,
         "reused": state.committed.num_rows,
         "skipped": skipped,
         "succeeded": succeeded,
@@ -791,20 +1010,21 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         "started_at": started_at,
         "finished_at": storage.now_iso(),
         "elapsed_seconds": round(elapsed, 3),
-        "images_per_second": round(work.num_rows / elapsed, 3) if elapsed > 0 else None,
-        "listing_seconds": round(listing.seconds, 3),
-        "bytes_listed": int(pa.compute.sum(table.column("size_bytes")).as_py() or 0),
-        "skipped_non_image": listing.skipped_non_image,
-        "input_format": listing.format,
-        "input_objects": listing.sources,
+        "images_per_second": round(n_work / elapsed, 3) if elapsed > 0 else None,
+        "listing_seconds": round(listed["listing_seconds"], 3),
+        "bytes_listed": listed["bytes_listed"],
+        "skipped_non_image": listed["skipped_non_image"],
+        "input_format": listed["input_format"],
+        "input_objects": listed["input_objects"],
+        "listing": listed["listing"],
         "bytes_read": commits.bytes_read,
         "rows_per_file": rows_per_file,
         "files_this_attempt": sorted(commits.data_files),
         "stages": _stage_summary(commits, work_seconds),
         "nodes": {stage: sorted(ids) for stage, ids in sorted(commits.nodes.items())},
         "driver": {"bytes_received": commits.received_bytes,
-                   "bytes_received_per_input": round(commits.received_bytes / work.num_rows, 1)
-                   if work.num_rows else 0.0,
+                   "bytes_received_per_input": round(commits.received_bytes / n_work, 1)
+                   if n_work else 0.0,
                    "parts": len(commits.parts),
                    "node": ray.get_runtime_context().get_node_id()
                    if ray.is_initialized() else None},

@@ -41,6 +41,7 @@ from resnet_features.core import storage
 from resnet_features.runs.layout import LEDGER_DIR, LEDGER_SCHEMA, TMP_DIR
 
 __all__ = ["uri_hash", "write_run_ledger", "decide_incremental", "incremental_filter",
+           "UriLookup", "decision_lookup",
            "read_ledgers", "failed_uris", "load_index", "RANGE_ENTRIES", "COMPACT_AFTER_RUNS"]
 
 log = logging.getLogger(__name__)
@@ -384,6 +385,91 @@ def decide_incremental(fs, root: str, runs: Sequence[Any], task_fp: str, listing
             "max_range_entries": most, "compacted": writer is not None,
             "decision_seconds": round(time.perf_counter() - t0, 3)}
     return todo, info
+
+
+class UriLookup:
+    """A set of URIs (with a fingerprint each) to test listing chunks against, one chunk at a
+    time: their hashes sorted once, then a binary search per listed URI and an exact string
+    comparison of the hits. Two URIs of the set with the same 63-bit hash would leave the
+    second unfound, which only makes an input look new (computed again), never skipped."""
+
+    def __init__(self, table: pa.Table):
+        hashes = uri_hash(table.column("uri"))
+        order = np.argsort(hashes, kind="stable")
+        self.hashes = hashes[order]
+        self.table = table.select([c for c in ("uri", "fingerprint") if c in
+                                   table.column_names]).take(pa.array(order)).combine_chunks()
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def find(self, uris: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+        """`(found, position)`: whether each URI is in the set, and where (valid if found)."""
+        h = uri_hash(uris)
+        pos = np.minimum(np.searchsorted(self.hashes, h), max(len(self.hashes) - 1, 0))
+        if not len(self.hashes):
+            return np.zeros(len(h), dtype=bool), pos
+        hit = self.hashes[pos] == h
+        rows = np.flatnonzero(hit)
+        if len(rows):
+            same = pc.equal(pc.take(uris, pa.array(rows)),
+                            self.table.column("uri").take(pa.array(pos[rows])))
+            hit[rows] = same.to_numpy(zero_copy_only=False)
+        return hit, pos
+
+    def contains(self, uris: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        return self.find(uris)[0]
+
+    def decide(self, listing: pa.Table) -> tuple[np.ndarray, dict[str, int]]:
+        """`incremental_filter` of a listing chunk against this set of (uri, fingerprint)."""
+        known, pos = self.find(listing.column("uri"))
+        done = known.copy()
+        rows = np.flatnonzero(known)
+        if len(rows):
+            same = pc.equal(listing.column("fingerprint").take(pa.array(rows)),
+                            self.table.column("fingerprint").take(pa.array(pos[rows])))
+            done[rows] = same.to_numpy(zero_copy_only=False)
+        counts = {"skipped_unchanged": int(done.sum()), "changed": int((known & ~done).sum()),
+                  "new": int((~known).sum())}
+        return ~done, counts
+
+
+def decision_lookup(fs, root: str, runs: Sequence[Any], task_fp: str, *,
+                    exclude_run: str | None = None, range_entries: int = RANGE_ENTRIES,
+                    compact_after: int = COMPACT_AFTER_RUNS) -> tuple[UriLookup, dict[str, Any]]:
+    """What `decide_incremental` compares against, as a `UriLookup` for a listing that comes
+    in chunks (the staged listing of a prefix): the newest (uri, fingerprint) per URI of the
+    earlier finished runs, in memory (the ledger, not the listing). The sources are merged
+    range by range as the decision does, and compacted into the index the same way."""
+    t0 = time.perf_counter()
+    sources, index, outside, covers = _plan(fs, root, runs, task_fp, exclude_run)
+    entries = sum(s.entries for s in sources)
+    bits = 0
+    while (entries >> bits) > range_entries and bits < MAX_RANGE_BITS:
+        bits += 1
+    compact = len(outside) >= max(compact_after, 1)
+    writer = (_IndexWriter(fs, root, task_fp, covers, (index or {}).get("seq", 0) + 1)
+              if compact else None)
+    cursors = [_Cursor(s.pieces()) for s in sources]
+    kept = []
+    for r in range(1 << bits):
+        hi = None if r == (1 << bits) - 1 else (r + 1) << (63 - bits)
+        pieces = [p for p in (c.take(hi) for c in cursors) if p is not None]
+        if not pieces:
+            continue
+        merged = _latest_per_uri(pieces[::-1])
+        kept.append(merged.select(["uri", "fingerprint"]))
+        if writer is not None:
+            writer.add(merged)
+    if writer is not None:
+        writer.commit()
+    table = (pa.concat_tables(kept) if kept else
+             pa.table({"uri": pa.array([], pa.string()), "fingerprint": pa.array([], pa.string())}))
+    info = {"ledger_entries": entries, "index_used": index is not None,
+            "run_ledgers_read": len(outside), "ranges": 1 << bits,
+            "compacted": writer is not None,
+            "decision_seconds": round(time.perf_counter() - t0, 3)}
+    return UriLookup(table), info
 
 
 def read_ledgers(fs, root: str, runs: Sequence[Any], task_fp: str, *,

@@ -60,7 +60,8 @@ from resnet_features.runs.layout import (
 from resnet_features.runs.ledger import V1_LEDGER_FILE, incremental_filter
 
 __all__ = ["RunInfo", "RunLayout", "RunState", "task_identity", "incremental_filter",
-           "incremental_decision", "read_ledgers", "retry_filter", "hash_fingerprints",
+           "incremental_decision", "incremental_lookup", "failed_lookup", "read_ledgers",
+           "retry_filter", "hash_fingerprints",
            "finished_runs", "MANIFEST_FILE", "SUCCESS_FILE", "SUMMARY_FILE"]
 
 log = logging.getLogger(__name__)
@@ -364,6 +365,27 @@ def incremental_decision(fs, root: str, task_fp: str, listing: pa.Table, *,
                                       exclude_run=exclude_run, **kw)
 
 
+def incremental_lookup(fs, root: str, task_fp: str, *, exclude_run: str | None = None
+                       ) -> tuple[ledgers.UriLookup, dict[str, Any]]:
+    """--incremental for a listing that comes in chunks: the earlier runs' newest (uri,
+    fingerprint) per URI as a lookup (`UriLookup.decide` per chunk) and its info."""
+    return ledgers.decision_lookup(fs, root, finished_runs(fs, root), task_fp,
+                                   exclude_run=exclude_run)
+
+
+def failed_lookup(fs, root: str, run_id: str) -> ledgers.UriLookup:
+    """--retry-errors for a listing that comes in chunks: the URIs that failed in `run_id`."""
+    return ledgers.UriLookup(pa.table({"uri": _failed_uris(fs, root, run_id)}))
+
+
+def _failed_uris(fs, root: str, run_id: str) -> pa.Array:
+    runs = {r.run_id: r for r in finished_runs(fs, root, include_failed=True)}
+    if run_id not in runs:
+        raise InputError(f"--retry-errors {run_id}: no published run=<{run_id}> under {root}; "
+                         f"published runs: {', '.join(sorted(runs)) or 'none'}")
+    return ledgers.failed_uris(fs, runs[run_id])
+
+
 def read_ledgers(fs, root: str, task_fp: str, *, exclude_run: str | None = None) -> pa.Table:
     """`uri, fingerprint` the decision compares against (the newest per URI), all in memory:
     for inspection and the benchmark's baseline; the job streams (`incremental_decision`)."""
@@ -373,11 +395,7 @@ def read_ledgers(fs, root: str, task_fp: str, *, exclude_run: str | None = None)
 
 def retry_filter(fs, root: str, run_id: str, listing: pa.Table) -> tuple[np.ndarray, dict]:
     """Mask of listing rows that failed in run `run_id` (a published run, finished or not)."""
-    runs = {r.run_id: r for r in finished_runs(fs, root, include_failed=True)}
-    if run_id not in runs:
-        raise InputError(f"--retry-errors {run_id}: no published run=<{run_id}> under {root}; "
-                         f"published runs: {', '.join(sorted(runs)) or 'none'}")
-    failed = ledgers.failed_uris(fs, runs[run_id])
+    failed = _failed_uris(fs, root, run_id)
     todo = pc.is_in(listing.column("uri"), value_set=failed).to_numpy(zero_copy_only=False)
     return todo, {"failed_in_run": len(failed), "retried": int(todo.sum()),
                   "failed_but_gone": int(len(failed) - todo.sum())}

@@ -13,10 +13,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["auc", "box_fractions", "perturbation_curve", "pointing_game", "randomised_state_dict",
+__all__ = ["auc", "box_area", "box_fractions", "perturbation_curve", "pointing_game", "randomised_state_dict",
            "rank_correlation", "relevance_in_box"]
 
 Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) -> (B, classes) probabilities
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in crop pixels
+Boxes = Box | Sequence[Box]  # one box, or several (their union)
 
 
 def _cell_masks(order: np.ndarray, counts: Sequence[int], grid: int, h: int, w: int
@@ -60,39 +62,63 @@ def auc(curve: np.ndarray) -> float:
     return float(((curve[1:] + curve[:-1]) / 2).sum() / (len(curve) - 1))
 
 
-def box_fractions(box: tuple[float, float, float, float], grid: int, crop: int) -> np.ndarray:
-    """(grid*grid,) share of each cell's area inside `box` (x0, y0, x1, y1 in crop pixels)."""
+def _boxes(boxes) -> np.ndarray:
+    """One box (x0, y0, x1, y1) or several -> (n, 4) float64."""
+    return np.asarray(boxes, np.float64).reshape(-1, 4)
+
+
+def box_fractions(boxes: Boxes, grid: int, crop: int) -> np.ndarray:
+    """(grid*grid,) share of each cell's area inside the box, or inside the union of several
+    boxes (x0, y0, x1, y1 in crop pixels); exact: the cells are cut along every box edge and
+    each piece counts when its centre lies in a box."""
+    b = _boxes(boxes)
     size = crop / grid
-    edges = np.arange(grid + 1) * size
-    x0, y0, x1, y1 = box
-    fx = np.clip(np.minimum(edges[1:], x1) - np.maximum(edges[:-1], x0), 0, None) / size
-    fy = np.clip(np.minimum(edges[1:], y1) - np.maximum(edges[:-1], y0), 0, None) / size
-    return (fy[:, None] * fx[None, :]).reshape(-1)
+    cells = np.arange(grid + 1) * size
+    xs = np.unique(np.clip(np.concatenate([cells, b[:, 0], b[:, 2]]), 0, crop))
+    ys = np.unique(np.clip(np.concatenate([cells, b[:, 1], b[:, 3]]), 0, crop))
+    cx, cy = (xs[1:] + xs[:-1]) / 2, (ys[1:] + ys[:-1]) / 2
+    covered = np.zeros((len(cy), len(cx)), bool)
+    for x0, y0, x1, y1 in b:
+        covered |= (((cy >= y0) & (cy < y1))[:, None] & ((cx >= x0) & (cx < x1))[None, :])
+    area = np.diff(ys)[:, None] * np.diff(xs)[None, :] * covered
+    out = np.zeros((grid, grid))
+    rows = np.minimum((cy // size).astype(int), grid - 1)
+    cols = np.minimum((cx // size).astype(int), grid - 1)
+    np.add.at(out, (rows[:, None], cols[None, :]), area)
+    return (out / size ** 2).reshape(-1)
 
 
-def relevance_in_box(heatmap: np.ndarray, box: tuple[float, float, float, float],
-                     crop: int) -> float:
-    """Share of the map's (non-negative) relevance inside the box, cells split by area; 0 for
-    an empty map."""
+def box_area(boxes: Boxes, crop: int) -> float:
+    """Share of the crop inside the box (or the union of several): the box share of a uniform
+    map, the chance level a map's box share is read against."""
+    return float(box_fractions(boxes, 1, crop)[0])
+
+
+def relevance_in_box(heatmap: np.ndarray, boxes: Boxes, crop: int) -> float:
+    """Share of the map's (non-negative) relevance inside the box (or the union of several),
+    cells split by area; 0 for an empty map."""
     h = np.clip(np.asarray(heatmap, np.float64), 0, None)
     total = h.sum()
     if total <= 0:
         return 0.0
     grid = int(round(np.sqrt(h.size)))
-    return float((h * box_fractions(box, grid, crop)).sum() / total)
+    return float((h * box_fractions(boxes, grid, crop)).sum() / total)
 
 
-def pointing_game(heatmap: np.ndarray, box: tuple[float, float, float, float], crop: int,
+def pointing_game(heatmap: np.ndarray, boxes: Boxes, crop: int,
                   tolerance: float = 15.0) -> bool:
-    """Hit when the centre of the map's peak cell (the first, on ties) lies in the box grown by
-    `tolerance` pixels (Zhang et al. 2016 use 15)."""
+    """Hit when the centre of the map's peak cell (the first, on ties) lies in the box, or in
+    one of several, grown by `tolerance` pixels (Zhang et al. 2016 use 15). An empty map (no
+    positive cell) has no peak and misses."""
     h = np.asarray(heatmap, np.float64)
+    if not h.max() > 0:
+        return False
     grid = int(round(np.sqrt(h.size)))
     py, px = divmod(int(h.argmax()), grid)
     size = crop / grid
     cx, cy = (px + 0.5) * size, (py + 0.5) * size
-    x0, y0, x1, y1 = box
-    return bool(x0 - tolerance <= cx <= x1 + tolerance and y0 - tolerance <= cy <= y1 + tolerance)
+    return bool(any(x0 - tolerance <= cx <= x1 + tolerance and y0 - tolerance <= cy <= y1 + tolerance
+                    for x0, y0, x1, y1 in _boxes(boxes)))
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:

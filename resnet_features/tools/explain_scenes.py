@@ -96,30 +96,40 @@ def write_boxes(path: str, boxes: dict[str, Box]) -> None:
             w.writerow([name, *b])
 
 
-def read_boxes(path: str) -> dict[str, Box]:
+def read_boxes(path: str) -> dict[str, list[Box]]:
     """A boxes file: CSV with a header `file,x0,y0,x1,y1`; `file` is the image's base name,
-    coordinates are the original image's pixels (x1, y1 exclusive)."""
+    coordinates are pixels of the image as displayed (after its EXIF orientation; x1, y1
+    exclusive). Several rows for one file are several objects (scored as their union)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     missing = {"file", "x0", "y0", "x1", "y1"} - set(rows[0] if rows else {})
     if missing:
         raise ValueError(f"{path}: a boxes file needs the columns file,x0,y0,x1,y1 "
                          f"(missing {', '.join(sorted(missing))})")
-    return {os.path.basename(r["file"]): (int(float(r["x0"])), int(float(r["y0"])),
-                                          int(float(r["x1"])), int(float(r["y1"])))
-            for r in rows}
+    boxes: dict[str, list[Box]] = {}
+    for line, r in enumerate(rows, start=2):
+        try:
+            box = tuple(int(float(r[k])) for k in ("x0", "y0", "x1", "y1"))
+        except (TypeError, ValueError):
+            raise ValueError(f"{path} line {line}: x0,y0,x1,y1 must be numbers, got "
+                             f"{[r[k] for k in ('x0', 'y0', 'x1', 'y1')]}") from None
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 < x1 and 0 <= y0 < y1):
+            raise ValueError(f"{path} line {line}: the box {box} is empty or negative "
+                             "(needs 0 <= x0 < x1 and 0 <= y0 < y1)")
+        boxes.setdefault(os.path.basename(r["file"]), []).append(box)
+    return boxes
 
 
 def crop_box(box: Box, width: int, height: int, resize: int, crop: int
              ) -> tuple[float, float, float, float]:
-    """A box in the original image -> the same box in the model's input crop (torchvision's
-    eval transform: shorter side resized to `resize`, then a centred `crop`), clipped."""
-    short, long = (width, height) if width <= height else (height, width)
-    new_long = int(resize * long / short)
-    new_w, new_h = (resize, new_long) if width <= height else (new_long, resize)
+    """A box in the image -> the same box in the model's input crop (the job's geometry,
+    torchvision's eval transform: shorter side resized to `resize`, then a centred `crop`),
+    clipped to the crop."""
+    from resnet_features.extract.decode import resize_geometry
+
+    new_w, new_h, left, top = resize_geometry(width, height, resize, crop)
     sx, sy = new_w / width, new_h / height
-    left = int(round((new_w - crop) / 2.0))
-    top = int(round((new_h - crop) / 2.0))
     x0, y0, x1, y1 = box
     return (float(np.clip(x0 * sx - left, 0, crop)), float(np.clip(y0 * sy - top, 0, crop)),
             float(np.clip(x1 * sx - left, 0, crop)), float(np.clip(y1 * sy - top, 0, crop)))

@@ -16,6 +16,7 @@ from resnet_features.extract.inputs.listing import (
     list_images,
     list_inputs,
     listing_blocks,
+    stages_listing,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "list_images",
     "list_inputs",
     "listing_blocks",
+    "stages_listing",
 ]

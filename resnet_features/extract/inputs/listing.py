@@ -25,7 +25,7 @@ from resnet_features.extract.inputs.common import (
 )
 from resnet_features.extract.inputs.formats import FORMATS, INPUT_FORMATS
 
-__all__ = ["list_images", "list_inputs", "listing_blocks"]
+__all__ = ["list_images", "list_inputs", "listing_blocks", "stages_listing"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,26 @@ def check_input_exists(uri: str, storage_options: dict[str, Any] | None = None) 
         raise InputError(f"cannot list input {uri}: {type(exc).__name__}: {exc}") from exc
     if not exists:
         raise InputError(f"input {uri} does not exist")
+
+
+#: Protocols whose folders `inputs/prefixes.py` lists in parallel into staged chunks.
+STAGED_PROTOCOLS = frozenset({"s3"})
+
+
+def stages_listing(uri: str, input_format: str,
+                   storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether the input is listed by `inputs/prefixes.py` (in parallel, into chunks staged
+    with the run) rather than here: an s3:// folder (not a glob, not one object) read as
+    images (`--input-format images`, or auto, which the listing confirms). One request."""
+    if input_format not in ("auto", "images"):
+        return False
+    try:
+        fs, root = storage.filesystem(uri, storage_options)
+        if storage.protocol(fs) not in STAGED_PROTOCOLS or any(c in root for c in "*?["):
+            return False
+        return bool(fs.isdir(root))
+    except (OSError, ValueError, PermissionError) as exc:
+        raise InputError(f"cannot list input {uri}: {type(exc).__name__}: {exc}") from exc
 
 
 def _one_url(fs, url: str, uri: str):
