@@ -57,6 +57,12 @@ class LatencyProxy:
                 if body is not None:
                     headers["Content-Length"] = str(len(body))
                 status, resp_headers, data = proxy._send(self.command, self.path, body, headers)
+                # Counted before the reply goes out: a client that has its answer must find
+                # the request in the counters already.
+                with proxy._lock:
+                    proxy.requests[self.command] += 1
+                    proxy.ranged += "Range" in self.headers
+                    proxy.bytes_out += len(data) if self.command != "HEAD" else 0
                 self.send_response(status)
                 for k, v in resp_headers:
                     if k.lower() not in HOP_HEADERS:
@@ -67,10 +73,6 @@ class LatencyProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                with proxy._lock:
-                    proxy.requests[self.command] += 1
-                    proxy.ranged += "Range" in self.headers
-                    proxy.bytes_out += len(data) if self.command != "HEAD" else 0
 
             def _stats(self):
                 data = json.dumps(proxy.stats()).encode()

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,9 +64,17 @@ def cluster_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 @contextlib.contextmanager
 def ray_head(num_cpus: int = 2, env: dict[str, str] | None = None):
     """A head node alone, with CPUs for the work; yields the dashboard (jobs API) address.
-    `env` gets the cluster's token (RAY_AUTH_TOKEN) for the `ray job submit` calls."""
-    with ray_cluster(env, head_cpus=num_cpus) as cluster:
-        yield cluster.address
+    `env` gets the cluster's token (RAY_AUTH_TOKEN) for the `ray job submit` calls.
+
+    Its own temp dir: a job's driver finds its cluster through the temp dir's
+    `ray_current_cluster` file, which every later `ray start` on this machine (another test's
+    cluster) would otherwise overwrite. Short, as socket paths are limited."""
+    temp_dir = tempfile.mkdtemp(prefix="rf-", dir="/tmp")
+    try:
+        with ray_cluster(env, head_cpus=num_cpus, temp_dir=temp_dir) as cluster:
+            yield cluster.address
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 #: The smallest object store Ray accepts (75 MiB is its floor): three nodes on a small machine.
@@ -208,7 +217,8 @@ def _spawn(name: str, cmd: list[str], env: dict[str, str]) -> Node:
 
 
 @contextlib.contextmanager
-def ray_cluster(env: dict[str, str] | None = None, head_cpus: float = 0):
+def ray_cluster(env: dict[str, str] | None = None, head_cpus: float = 0,
+                temp_dir: str | None = None):
     """A head node (no CPUs by default: it runs the driver, not the work, like cluster.yaml's)
     that worker nodes join with `Cluster.add_worker`. Every node is stopped at the end, also
     when the test fails, by its process group (never `ray stop`, which stops every Ray on the
@@ -225,7 +235,7 @@ def ray_cluster(env: dict[str, str] | None = None, head_cpus: float = 0):
            f"--dashboard-agent-grpc-port={free_port()}",
            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
            f"--ray-client-server-port={free_port()}", "--node-ip-address=127.0.0.1",
-           "--disable-usage-stats"]
+           "--disable-usage-stats", *([f"--temp-dir={temp_dir}"] if temp_dir else [])]
     head = _spawn("head", cmd, env)
     cluster = Cluster(address=f"http://127.0.0.1:{dashboard}", gcs=f"127.0.0.1:{gcs_port}",
                       env=env, nodes={"head": head})

@@ -308,7 +308,7 @@ def _list_staged(cfg: ExtractConfig, layout: runs.RunLayout, attempt: int
     t0 = time.perf_counter()
     folder = storage.join(layout.staging, LISTING_DIR)
     if layout.fs.exists(folder):  # chunks of an earlier attempt
-        layout.fs.rm(folder, recursive=True)
+        _remove(layout.fs, folder)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     fs = prefixes.private_fs(cfg.storage_options)
     bucket, units = prefixes.plan_prefix(fs, cfg.input, want=LIST_TASKS_PER_CPU * cpus)
@@ -722,10 +722,17 @@ def _forget_attempt(layout: runs.RunLayout, state: runs.RunState) -> None:
     if state.attempt or state.committed.num_rows:
         return
     fs = layout.fs
-    fs.rm(layout.staging, recursive=True)
+    _remove(fs, layout.staging)
     parent = layout.staging.rsplit("/", 1)[0]
     if fs.exists(parent) and not fs.ls(parent, detail=False):
-        fs.rm(parent, recursive=True)
+        _remove(fs, parent)
+
+
+def _remove(fs, path: str) -> None:
+    """Remove a folder if it is there: on an object store a folder whose objects were never
+    written (a listing that staged no chunk) does not exist."""
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def _select_work(cfg: ExtractConfig, layout: runs.RunLayout, listing: pa.Table,
@@ -825,7 +832,7 @@ def _plan(cfg: ExtractConfig, layout: runs.RunLayout, finished: dict[str, Any] |
         if not staged_listing.num_rows:
             if cfg.input_format == "auto" and staged_listing.other_kinds:
                 # shards, tables or manifests: listed by their format below
-                layout.fs.rm(storage.join(layout.staging, LISTING_DIR), recursive=True)
+                _remove(layout.fs, storage.join(layout.staging, LISTING_DIR))
                 staged_listing = None
             else:
                 _forget_attempt(layout, state)
@@ -970,9 +977,7 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
                    [work.table.column("uri")[i].as_py() for i in lost[:10]])
         missing_count = len(lost)
         for scratch in (runs.TMP_DIR, LISTING_DIR):
-            path = storage.join(layout.staging, scratch)
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
+            _remove(fs, storage.join(layout.staging, scratch))
         skipped["duplicate_rows_dropped"] = commits.duplicates_dropped
     else:
         missing_count = 0
