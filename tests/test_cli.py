@@ -150,14 +150,16 @@ def test_bad_arguments_exit_2_with_a_reason(args, message):
 
 
 @pytest.mark.slow  # a CLI subprocess that starts Ray before the weights fail
-def test_missing_input_and_missing_weights_fail_at_start(tmp_path, resnet18_weights):
+def test_missing_input_and_missing_weights_fail_at_start(tmp_path, resnet18_weights,
+                                                          ray_address):
     res = extract("--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"),
                   "--model", "resnet18", "--weights", resnet18_weights)
     assert res.returncode == 2 and "does not exist" in res.stderr
     assert not (tmp_path / "o").exists()
 
     (tmp_path / "in").mkdir()
-    env = cluster_env({"TORCH_HOME": str(tmp_path / "torch")})  # an empty hub cache
+    # an empty hub cache; the job joins the session's Ray (it starts Ray while it loads weights)
+    env = cluster_env({"TORCH_HOME": str(tmp_path / "torch"), "RAY_ADDRESS": ray_address})
     res = extract("--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"),
                   "--model", "resnet34", "--weights", "DEFAULT", env=env)
     assert res.returncode == 2

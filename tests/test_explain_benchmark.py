@@ -27,7 +27,7 @@ def _photo(name: str, w: int, h: int) -> Image.Image:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_user_boxes_through_the_cli(tmp_path, resnet18_weights):
+def test_user_boxes_through_the_cli(tmp_path, resnet18_weights, ray_address):
     images = tmp_path / "images"
     images.mkdir()
     # whole.png, 64 x 64: the box is the whole image -> the whole crop
@@ -61,7 +61,7 @@ def test_user_boxes_through_the_cli(tmp_path, resnet18_weights):
     stale = out / "work" / "resnet18" / METHODS[0] / "trained" / "run=bench"
     stale.mkdir(parents=True)
     (stale / "part-00000.parquet").write_bytes(b"not from this benchmark")
-    env = {**os.environ, "PYTHONPATH": ROOT, "RAY_ADDRESS": "local"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "RAY_ADDRESS": ray_address}  # the session's Ray
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "jobs", "explain_benchmark.py"), "--models",
          "resnet18", "--weights", f"resnet18={weights}", "--methods", ",".join(METHODS),

@@ -307,8 +307,7 @@ def _list_staged(cfg: ExtractConfig, layout: runs.RunLayout, attempt: int
     (`inputs/prefixes.py`): the driver plans the parts and keeps their counts and paths."""
     t0 = time.perf_counter()
     folder = storage.join(layout.staging, LISTING_DIR)
-    if layout.fs.exists(folder):  # chunks of an earlier attempt
-        _remove(layout.fs, folder)
+    _remove(layout.fs, folder)  # chunks of an earlier attempt
     cpus = int(ray.cluster_resources().get("CPU", 1))
     fs = prefixes.private_fs(cfg.storage_options)
     bucket, units = prefixes.plan_prefix(fs, cfg.input, want=LIST_TASKS_PER_CPU * cpus)
