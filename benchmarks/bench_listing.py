@@ -36,6 +36,14 @@ class ListStub:
 
     def __init__(self, n: int, latency_ms: float):
         self.keys = sorted(f"img/{i // 1000:05d}/{i:09d}.jpg" for i in range(n))
+        # Each key's <Contents> rendered once, before any measurement: a page is then one join,
+        # so the stub (on the same cores as the client, unlike a real store) takes little CPU
+        # from the listing it serves.
+        self.frags = [
+            f"<Contents><Key>{escape(k)}</Key><LastModified>2026-01-01T00:00:00.000Z"
+            f"</LastModified><ETag>&quot;{hash(k) & 0xffffffff:032x}&quot;</ETag>"
+            f"<Size>{1000 + len(k)}</Size><StorageClass>STANDARD</StorageClass></Contents>"
+            for k in self.keys]
         self.latency = latency_ms / 1000
         self.requests = 0
         self._lock = threading.Lock()
@@ -79,7 +87,11 @@ class ListStub:
         limit = int(q.get("max-keys", 1000))
         i = max(bisect.bisect_right(self.keys, after), bisect.bisect_left(self.keys, prefix))
         items, prefixes = [], []
-        while i < len(self.keys) and len(items) + len(prefixes) < limit:
+        start = i
+        if not delimiter:  # a plain page: the next `limit` keys under the prefix, by bisection
+            end = min(i + limit, bisect.bisect_left(self.keys, prefix + "\U0010ffff"))
+            items, i = self.keys[i:end], end
+        while delimiter and i < len(self.keys) and len(items) + len(prefixes) < limit:
             k = self.keys[i]
             if not k.startswith(prefix):
                 break
@@ -92,11 +104,10 @@ class ListStub:
             i += 1
         truncated = i < len(self.keys) and self.keys[i].startswith(prefix)
         last = items[-1] if items else (prefixes[-1] if prefixes else "")
-        body = "".join(
-            f"<Contents><Key>{escape(k)}</Key><LastModified>2026-01-01T00:00:00.000Z"
-            f"</LastModified><ETag>&quot;{hash(k) & 0xffffffff:032x}&quot;</ETag>"
-            f"<Size>{1000 + len(k)}</Size><StorageClass>STANDARD</StorageClass></Contents>"
-            for k in items)
+        if delimiter:
+            body = "".join(self.frags[bisect.bisect_left(self.keys, k)] for k in items)
+        else:
+            body = "".join(self.frags[start:start + len(items)])
         body += "".join(f"<CommonPrefixes><Prefix>{escape(p)}</Prefix></CommonPrefixes>"
                         for p in prefixes)
         token = (f"<NextContinuationToken>{escape(last)}</NextContinuationToken>"
