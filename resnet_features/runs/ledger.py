@@ -327,6 +327,21 @@ def _take_rows(batches: list[pa.RecordBatch], bounds: np.ndarray, rows: np.ndarr
             pa.table({"uri": pa.array([], pa.string()), "fingerprint": pa.array([], pa.string())}))
 
 
+def _ranges(fs, root: str, runs: Sequence[Any], task_fp: str, exclude_run: str | None,
+            range_entries: int, compact_after: int):
+    """What a decision merges: its sources (index and run ledgers), the hash-range bits that
+    keep about `range_entries` entries in memory at once, and an index writer when enough run
+    ledgers lie outside the index to compact them (None otherwise)."""
+    sources, index, outside, covers = _plan(fs, root, runs, task_fp, exclude_run)
+    entries = sum(s.entries for s in sources)
+    bits = 0
+    while (entries >> bits) > range_entries and bits < MAX_RANGE_BITS:
+        bits += 1
+    writer = (_IndexWriter(fs, root, task_fp, covers, (index or {}).get("seq", 0) + 1)
+              if len(outside) >= max(compact_after, 1) else None)
+    return sources, index, outside, entries, bits, writer
+
+
 def decide_incremental(fs, root: str, runs: Sequence[Any], task_fp: str, listing: pa.Table, *,
                        exclude_run: str | None = None, range_entries: int = RANGE_ENTRIES,
                        compact_after: int = COMPACT_AFTER_RUNS
@@ -338,14 +353,8 @@ def decide_incremental(fs, root: str, runs: Sequence[Any], task_fp: str, listing
     ranges are walked in order; each holds about `range_entries` earlier entries, so the
     decision's memory is O(entries / ranges) on top of the listing the driver already holds."""
     t0 = time.perf_counter()
-    sources, index, outside, covers = _plan(fs, root, runs, task_fp, exclude_run)
-    entries = sum(s.entries for s in sources)
-    bits = 0
-    while (entries >> bits) > range_entries and bits < MAX_RANGE_BITS:
-        bits += 1
-    compact = len(outside) >= max(compact_after, 1)
-    writer = (_IndexWriter(fs, root, task_fp, covers, (index or {}).get("seq", 0) + 1)
-              if compact else None)
+    sources, index, outside, entries, bits, writer = _ranges(
+        fs, root, runs, task_fp, exclude_run, range_entries, compact_after)
     n = listing.num_rows
     todo = np.ones(n, dtype=bool)
     counts = {"skipped_unchanged": 0, "changed": 0, "new": 0}
@@ -442,14 +451,8 @@ def decision_lookup(fs, root: str, runs: Sequence[Any], task_fp: str, *,
     earlier finished runs, in memory (the ledger, not the listing). The sources are merged
     range by range as the decision does, and compacted into the index the same way."""
     t0 = time.perf_counter()
-    sources, index, outside, covers = _plan(fs, root, runs, task_fp, exclude_run)
-    entries = sum(s.entries for s in sources)
-    bits = 0
-    while (entries >> bits) > range_entries and bits < MAX_RANGE_BITS:
-        bits += 1
-    compact = len(outside) >= max(compact_after, 1)
-    writer = (_IndexWriter(fs, root, task_fp, covers, (index or {}).get("seq", 0) + 1)
-              if compact else None)
+    sources, index, outside, entries, bits, writer = _ranges(
+        fs, root, runs, task_fp, exclude_run, range_entries, compact_after)
     cursors = [_Cursor(s.pieces()) for s in sources]
     kept = []
     for r in range(1 << bits):
