@@ -188,3 +188,22 @@ def test_job_lists_an_s3_prefix_in_tasks(s3, few_photos, resnet18_weights, ray_l
     assert second["skipped"]["incremental"]["skipped_unchanged"] == 6
     assert second["skipped"]["incremental"]["new"] == 2
     assert not fs.exists(f"{BUCKET}/job-out/_staging")  # listing chunks went with the staging
+
+
+def test_column_flags_on_an_s3_image_prefix_are_refused(s3, resnet18_weights, monkeypatch):
+    """--where (and the other column flags) on an s3:// prefix of images: the usage error the
+    driver's listing gives for images, never silently ignored by the staged listing."""
+    import json
+
+    from resnet_features.core.errors import InputError
+    from resnet_features.extract import pipeline
+    from tests.helpers import make_cfg
+
+    monkeypatch.setattr(pipeline, "_init_ray", lambda: None)  # refused before any Ray work
+    monkeypatch.setattr(pipeline, "_list_staged", lambda *a: pytest.fail("staged listing ran"))
+    cfg = make_cfg("--input", f"s3://{BUCKET}/root/", "--output", f"s3://{BUCKET}/flags-out",
+                   "--model", "resnet18", "--weights", resnet18_weights,
+                   "--input-format", "images", "--where", "size < 10",
+                   "--storage-options", json.dumps(s3.storage_options()))
+    with pytest.raises(InputError, match="--where applies to"):
+        pipeline.run(cfg)

@@ -894,7 +894,12 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
     if cfg.device == "cuda":  # a cluster without GPUs fails here, before any weights or output
         _init_ray()
         _resolve_device(cfg)
-    staged = (not (cfg.boxes_column or cfg.boxes_file) and cfg.fingerprint != "hash"
+    # Column flags (--where, --id-column, ...) belong to table-like formats: with any of them
+    # the driver's listing runs, which applies them or refuses them for images.
+    column_flags = (cfg.where or cfg.id_column or cfg.keep_columns or cfg.image_column != "image"
+                    or cfg.uri_column != "uri")
+    staged = (not (cfg.boxes_column or cfg.boxes_file or column_flags)
+              and cfg.fingerprint != "hash"
               and stages_listing(cfg.input, cfg.input_format, cfg.storage_options))
     if staged:
         _init_ray()  # the listing itself runs in Ray tasks
