@@ -22,8 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from resnet_features.core import storage
-from resnet_features.core.errors import InputError
-from resnet_features.extract.inputs.common import IMAGE_EXTENSIONS
+from resnet_features.extract.inputs.common import no_images_error
 from resnet_features.extract.inputs.prefixes import Chunk
 from resnet_features.runs.ledger import UriLookup
 
@@ -59,10 +58,7 @@ class StagedListing:
 
     def check(self, uri: str) -> None:
         if not self.num_rows:
-            raise InputError(
-                f"no images in {uri} (format images; image names end with "
-                f"{', '.join(sorted(IMAGE_EXTENSIONS))}, any case; {self.skipped_non_image} "
-                f"other entries ignored); pass --input-format if the format was guessed wrong")
+            raise no_images_error(uri, self.format, self.skipped_non_image)
 
 
 @dataclass(frozen=True)
@@ -88,10 +84,13 @@ class StagedWork:
     def uris_at(self, indices: np.ndarray) -> list[str]:
         """The URIs of some work indices (the few the pipeline lost, for the message)."""
         bases = np.array([c.base for c in self.chunks], dtype=np.int64)
+        loaded: dict[int, pa.ChunkedArray] = {}  # each chunk read once
         out = []
         for i in indices:
-            c = self.chunks[int(np.searchsorted(bases, i, side="right")) - 1]
-            out.append(load_chunk(c, self.storage_options)["uri"][int(i - c.base)].as_py())
+            k = int(np.searchsorted(bases, i, side="right")) - 1
+            if k not in loaded:
+                loaded[k] = load_chunk(self.chunks[k], self.storage_options)["uri"]
+            out.append(loaded[k][int(i - self.chunks[k].base)].as_py())
         return out
 
 

@@ -38,6 +38,14 @@ LISTING_SCHEMA = pa.schema(
 LIST_THREADS = 16
 
 
+def no_images_error(uri: str, fmt: str, skipped: int) -> InputError:
+    """The usage error of an input that lists no image (whichever lister found none)."""
+    return InputError(
+        f"no images in {uri} (format {fmt}; image names end with "
+        f"{', '.join(sorted(IMAGE_EXTENSIONS))}, any case; {skipped} other entries "
+        f"ignored); pass --input-format if the format was guessed wrong")
+
+
 def stat_fingerprint(info: dict[str, Any]) -> str:
     """Content fingerprint from listing metadata: size + ETag (object stores) or mtime (files)."""
     size = int(info.get("size") or 0)

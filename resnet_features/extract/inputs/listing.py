@@ -16,11 +16,11 @@ import pyarrow as pa
 from resnet_features.core import storage
 from resnet_features.core.errors import InputError
 from resnet_features.extract.inputs.common import (
-    IMAGE_EXTENSIONS,
     InputSpec,
     Listing,
     detect_format,
     kind,
+    no_images_error,
     stat_fingerprint,
 )
 from resnet_features.extract.inputs.formats import FORMATS, INPUT_FORMATS
@@ -128,10 +128,7 @@ def list_inputs(uri: str, spec: InputSpec | None = None,
         raise InputError(f"no images in {uri} match --where {spec.where!r} ({filtered} rows "
                          f"left out)")
     if table.num_rows == 0:
-        raise InputError(
-            f"no images in {uri} (format {fmt}; image names end with "
-            f"{', '.join(sorted(IMAGE_EXTENSIONS))}, any case; {skipped} other entries "
-            f"ignored); pass --input-format if the format was guessed wrong")
+        raise no_images_error(uri, fmt, skipped)
     seconds = time.perf_counter() - start
     log.info("listed %d images (%s) under %s in %.2fs (%d non-image entries ignored, %d rows "
              "left out by --where)", table.num_rows, fmt, uri, seconds, skipped, filtered)
