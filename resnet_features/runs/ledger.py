@@ -235,8 +235,11 @@ def incremental_filter(listing: pa.Table, ledger: pa.Table) -> tuple[np.ndarray,
 
     done = pc.is_in(keys(listing), value_set=keys(ledger).combine_chunks())
     known = pc.is_in(listing.column("uri"), value_set=ledger.column("uri").combine_chunks())
-    done = done.to_numpy(zero_copy_only=False)
-    known = known.to_numpy(zero_copy_only=False)
+    return _decision(done.to_numpy(zero_copy_only=False), known.to_numpy(zero_copy_only=False))
+
+
+def _decision(done: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+    """Rows to compute (not `done`: same uri and fingerprint) and the summary's counts."""
     counts = {"skipped_unchanged": int(done.sum()), "changed": int((known & ~done).sum()),
               "new": int((~known).sum())}
     return ~done, counts
@@ -438,9 +441,7 @@ class UriLookup:
             same = pc.equal(listing.column("fingerprint").take(pa.array(rows)),
                             self.table.column("fingerprint").take(pa.array(pos[rows])))
             done[rows] = same.to_numpy(zero_copy_only=False)
-        counts = {"skipped_unchanged": int(done.sum()), "changed": int((known & ~done).sum()),
-                  "new": int((~known).sum())}
-        return ~done, counts
+        return _decision(done, known)
 
 
 def decision_lookup(fs, root: str, runs: Sequence[Any], task_fp: str, *,
