@@ -9,6 +9,7 @@ that holds the rows) -> one small record per part back to the driver's `CommitLo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -228,16 +229,14 @@ def build_dataset(
     runner_cls: Callable = ModelRunner,
 ) -> ray.data.Dataset:
     """The streaming Dataset of result batches; nothing runs until it is iterated."""
+    n_rows = _num_rows(listing)
+    group = read_group_size(n_rows, ray.cluster_resources().get("CPU", 1),
+                            cfg.decode_batch_size)
     if isinstance(listing, StagedWork):  # chunks staged by the listing tasks, loaded there
-        n_rows, input_format = listing.num_rows, "images"
-        group = read_group_size(n_rows, ray.cluster_resources().get("CPU", 1),
-                                cfg.decode_batch_size)
+        input_format = "images"
         ds = _staged_dataset(listing, group)
-    else:
-        table = listing.table  # listing columns only: carried input columns stay on the driver
-        n_rows, input_format = table.num_rows, listing.format
-        group = read_group_size(n_rows, ray.cluster_resources().get("CPU", 1),
-                                cfg.decode_batch_size)
+    else:  # listing columns only: carried input columns stay on the driver
+        input_format = listing.format
         ds = ray.data.from_arrow(listing_blocks(listing, group))
     decode_options = DecodeOptions(
         max_image_pixels=cfg.max_image_pixels or DecodeOptions().max_image_pixels,
@@ -285,8 +284,7 @@ class _LoadChunks:
 def _staged_dataset(work: StagedWork, group: int) -> ray.data.Dataset:
     """Blocks of about `group` rows from the staged chunks: a task loads a chunk and cuts it
     (the driver holds only the chunks' paths, first work index and bitmaps)."""
-    items = [{"path": c.path, "base": c.base, "rows": c.rows, "mask": c.mask}
-             for c in work.chunks]
+    items = [dataclasses.asdict(c) for c in work.chunks]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RayDeprecationWarning)
@@ -772,10 +770,13 @@ class _Plan:
     units: tuple
     state: runs.RunState
     work: Listing | StagedWork  # the listing rows to compute (staged: chunks + bitmaps)
-    n_work: int
     skipped: dict[str, Any]
     extra: pa.Table | None
     listed: dict[str, Any]  # the summary's listing figures
+
+
+def _num_rows(work: Listing | StagedWork) -> int:
+    return work.num_rows if isinstance(work, StagedWork) else work.table.num_rows
 
 
 def _list(cfg: ExtractConfig) -> Listing:
@@ -838,7 +839,7 @@ def _plan(cfg: ExtractConfig, layout: runs.RunLayout, finished: dict[str, Any] |
                 staged_listing.check(cfg.input)
     if staged_listing is not None:
         work, skipped = _select_staged(cfg, layout, staged_listing, state, task_fp)
-        extra, n_work = None, work.num_rows
+        extra = None
         listed = {"listed": staged_listing.num_rows, "listing_seconds": staged_listing.seconds,
                   "bytes_listed": staged_listing.bytes,
                   "skipped_non_image": staged_listing.skipped_non_image,
@@ -868,17 +869,16 @@ def _plan(cfg: ExtractConfig, layout: runs.RunLayout, finished: dict[str, Any] |
             skipped["filtered"] = listing.filtered  # rows --where left out: never listed
         extra = listing.extra.filter(pa.array(todo)) if listing.extra is not None else None
         work = replace(listing, table=work_table, extra=extra)
-        n_work = work_table.num_rows
         listed = {"listed": table.num_rows, "listing_seconds": listing.seconds,
                   "bytes_listed": int(pc.sum(table.column("size_bytes")).as_py() or 0),
                   "skipped_non_image": listing.skipped_non_image,
                   "input_format": listing.format, "input_objects": listing.sources,
                   "listing": {"staged": False}}
     log.info("run %s attempt %d: %d of %d listed inputs to compute (%s)", cfg.run_id,
-             state.attempt, n_work, listed["listed"], skipped)
+             state.attempt, _num_rows(work), listed["listed"], skipped)
     return _Plan(spec=spec, state_dict=state_dict, identity=identity, task_fp=task_fp,
-                 units=units, state=state, work=work, n_work=n_work, skipped=skipped,
-                 extra=extra, listed=listed)
+                 units=units, state=state, work=work, skipped=skipped, extra=extra,
+                 listed=listed)
 
 
 def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
@@ -919,7 +919,8 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         return plan
     spec, state_dict, task_fp, units = plan.spec, plan.state_dict, plan.task_fp, plan.units
     identity = plan.identity
-    state, work, n_work, skipped = plan.state, plan.work, plan.n_work, plan.skipped
+    state, work, skipped = plan.state, plan.work, plan.skipped
+    n_work = _num_rows(work)
     extra, listed = plan.extra, plan.listed
     options, device, missing = None, "none", []
     commits = CommitLog(0)
