@@ -207,3 +207,109 @@ def test_column_flags_on_an_s3_image_prefix_are_refused(s3, resnet18_weights, mo
                    "--storage-options", json.dumps(s3.storage_options()))
     with pytest.raises(InputError, match="--where applies to"):
         pipeline.run(cfg)
+
+
+class _FaultyListings:
+    """`with _FaultyListings(upstream) as url:` a loopback proxy to the S3 server that spoils
+    the first list responses the way S3 and networks do, with status 200: an error document
+    (S3's "200 with an error" case), then a body cut off halfway. `served` counts them."""
+
+    FAULTS = ("error", "cut")
+
+    def __init__(self, upstream: str):
+        import http.client
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        up = urlsplit(upstream)
+        self.served: list[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+                conn.request("GET", self.path, headers=dict(self.headers))
+                resp = conn.getresponse()
+                body = resp.read()
+                conn.close()
+                fault = None
+                if "list-type=2" in self.path and len(proxy.served) < len(proxy.FAULTS):
+                    fault = proxy.FAULTS[len(proxy.served)]
+                    proxy.served.append(fault)
+                if fault == "error":
+                    body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError'
+                            b'</Code><Message>We encountered an internal error.</Message></Error>')
+                elif fault == "cut":
+                    body = body[:len(body) // 2]
+                self.send_response(resp.status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+
+    def __enter__(self) -> str:
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+def test_a_spoilt_200_list_response_is_retried(s3, tmp_path, monkeypatch):
+    """The listing client parses each page once, in its own hook, in place of botocore's check
+    for S3's "200 with an error body": an error document or a cut-off body sent with status
+    200 is retried, as botocore retries it, and the listing is still exactly `fs.find`'s.
+    Other clients keep botocore's check."""
+    import botocore.handlers
+    from fsspec.asyn import sync
+
+    monkeypatch.setattr(prefixes, "PAGE_KEYS", 7)
+    proxy = _FaultyListings(s3.endpoint)
+    with proxy as url:
+        opts = {**s3.storage_options(),
+                "client_kwargs": {"endpoint_url": url, "region_name": "us-east-1"}}
+        fs = prefixes.private_fs(opts)
+        bucket, units = prefixes.plan_prefix(fs, f"s3://{BUCKET}/root", want=1)
+        result = prefixes.list_units(opts, bucket, units, str(tmp_path / "chunks"), 0)
+        served = proxy.served
+    assert served == ["error", "cut"]  # both spoilt pages reached the client
+    got = pa.concat_tables([pq.read_table(c.path) for c in result["chunks"]])
+    expected = _expected(s3.fs(), f"{BUCKET}/root")
+    assert got.select(["uri", "size_bytes", "fingerprint"]).equals(expected)
+
+    def checks_200(fs) -> bool:
+        events = sync(fs.loop, fs.set_session).meta.events._emitter  # noqa: SLF001
+        return botocore.handlers._handle_200_error in events._handlers.prefix_search(
+            "before-parse.s3.ListObjectsV2")
+
+    assert not checks_200(prefixes.private_fs(s3.storage_options()))
+    assert checks_200(s3.fs())
+
+
+def test_the_listing_hook_turns_a_spoilt_200_into_a_retryable_500():
+    ok = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws'
+          b'.com/doc/2006-03-01/"><IsTruncated>false</IsTruncated><Contents><Key>a.jpg</Key>'
+          b'<Size>3</Size><ETag>"e"</ETag></Contents></ListBucketResult>')
+    for body, status in [(ok, 200), (ok[:60], 500), (b"", 500),
+                         (b"<Error><Code>SlowDown</Code></Error>", 500)]:
+        response, custom = {"status_code": 200, "body": body}, {}
+        prefixes._parse_once(response, custom)
+        assert response["status_code"] == status
+        if status == 200:
+            assert prefixes.parse_page(custom["Root"]).files == [("a.jpg", 3, "3:etag:e")]
+            assert response["body"] == prefixes._EMPTY
+        else:
+            assert response["body"] == body and not custom  # botocore parses the error
+    response = {"status_code": 404, "body": b"<Error><Code>NoSuchBucket</Code></Error>"}
+    prefixes._parse_once(response, {})
+    assert response["status_code"] == 404  # other errors are botocore's to map
