@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import subprocess
 import sys
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pytest
 from helpers import ROOT, make_cfg
-from raycluster import cluster_env, job_submit
+from raycluster import cluster_env
 
 from resnet_features import cli
 from resnet_features.core.config import (
@@ -173,35 +171,6 @@ def test_wrong_state_dict_is_refused(tmp_path, few_photos, resnet18_weights, ray
     res = extract("--input", few_photos, "--output", str(tmp_path / "o"), "--model", "resnet34",
                   "--weights", resnet18_weights, env=cluster_env({"RAY_ADDRESS": ray_address}))
     assert res.returncode == 2 and "does not fit resnet34" in res.stderr
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_ray_job_submit_runs_the_job_on_a_cluster(tmp_path, few_photos, resnet18_weights,
-                                                  submit_head):
-    """The README's command: `ray job submit --working-dir . -- python jobs/extract.py ...`
-    against a `ray start --head` with token auth."""
-    out = tmp_path / "out"
-    address, env = submit_head
-    res = job_submit(address, env, [
-        "python", "jobs/extract.py", "--input", few_photos, "--output", str(out),
-        "--model", "resnet18", "--weights", resnet18_weights, "--task", "embed"])
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "SUCCEEDED: run " in res.stdout and ": 6 images from" in res.stdout
-    # Ray's core worker logs an ERROR for any Ray Data actor pool whose actors restart (Ray
-    # Data passes their setup by ObjectRef): the job's log says first why it is harmless. If
-    # a Ray upgrade stops logging it, this fails: drop pipeline.RESTART_NOTE then.
-    from resnet_features.extract.pipeline import RESTART_NOTE
-
-    text = res.stdout + res.stderr
-    note = text.find(RESTART_NOTE)
-    assert 0 <= note < text.find("has constructor arguments in the object store"), text[-3000:]
-    assert "is not writable" not in text  # torch's warning on Ray's read-only batches
-    (run_dir,) = out.glob("run=*")
-    summary = json.loads((run_dir / "_SUCCESS").read_text())
-    assert summary["inputs"] == summary["succeeded"] == 6
-    table = pads.dataset(str(out), format="parquet").to_table()
-    assert table.num_rows == 6 and table.schema.names == ["uri", "embedding", "width", "height"]
 
 
 def test_device_cuda_without_gpus_fails_before_any_work(monkeypatch, tmp_path):

@@ -139,7 +139,7 @@ def test_multinode_cluster_writes_on_workers_and_survives_lost_nodes(
         # 1. The whole run: parts written on worker nodes, the same rows as on one node.
         code, log = finish(submit(cluster, job_args(inp, out, resnet18_weights, "r",
                                                     *CLUSTER_FLAGS)))
-        assert code == 0, log[-4000:]
+        assert code == 0, log[-6000:] + "\n" + cluster_state(cluster)
         summary = check_exactly_once(out, "r", paths)
         driver = summary["driver"]["node"]
         assert driver and driver not in summary["nodes"]["write"]  # no part on the driver

@@ -296,17 +296,95 @@ def test_a_spoilt_200_list_response_is_retried(s3, tmp_path, monkeypatch):
     assert checks_200(s3.fs())
 
 
+def _etree_page(body: bytes) -> prefixes.Page:
+    """The reference: the same fields through xml.etree (a real XML parser)."""
+    import xml.etree.ElementTree as ET
+    from urllib.parse import unquote_plus
+
+    ns = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+    root = ET.fromstring(body)
+    assert root.tag == ns + "ListBucketResult"
+    url = root.findtext(ns + "EncodingType") == "url"
+
+    def name(t):
+        return unquote_plus(t) if url else t
+
+    files = []
+    for c in root.iter(ns + "Contents"):
+        key = name(c.findtext(ns + "Key"))
+        if not key.endswith("/"):
+            size = int(c.findtext(ns + "Size"))
+            files.append((key, size, prefixes._fingerprint(size, c.findtext(ns + "ETag"),
+                                                            c.findtext(ns + "LastModified"))))
+    token = (root.findtext(ns + "NextContinuationToken")
+             if root.findtext(ns + "IsTruncated") == "true" else None)
+    return prefixes.Page(files, [name(p.findtext(ns + "Prefix"))
+                                 for p in root.iter(ns + "CommonPrefixes")], token)
+
+
+def _list_body(keys, common=(), *, url=False, token=None, pretty=False, etag=True,
+               prefixes_first=False) -> bytes:
+    from urllib.parse import quote_plus
+    from xml.sax.saxutils import escape
+
+    nl = "\n  " if pretty else ""
+
+    def enc(k):
+        return escape(quote_plus(k, safe="/") if url else k, {'"': "&quot;"})
+
+    contents = "".join(
+        f"<Contents>{nl}<Key>{enc(k)}</Key>{nl}<LastModified>2026-01-0{1 + i % 9}T00:00:00.000Z"
+        f"</LastModified>{nl}" + (f"<ETag>&quot;{i:032x}&quot;</ETag>{nl}" if etag else "")
+        + f"<Size>{100 + i}</Size>{nl}<StorageClass>STANDARD</StorageClass>{nl}</Contents>{nl}"
+        for i, k in enumerate(keys))
+    common_xml = "".join(f"<CommonPrefixes>{nl}<Prefix>{enc(p)}</Prefix>{nl}</CommonPrefixes>"
+                         for p in common)
+    head = (f'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="http://s3.'
+            f'amazonaws.com/doc/2006-03-01/">{nl}<Name>b</Name>{nl}<Prefix>{enc("p/")}</Prefix>'
+            f"{nl}<KeyCount>{len(keys)}</KeyCount>{nl}<MaxKeys>1000</MaxKeys>{nl}"
+            + ("<EncodingType>url</EncodingType>" if url else "")
+            + f"<IsTruncated>{'true' if token else 'false'}</IsTruncated>{nl}"
+            + (f"<NextContinuationToken>{escape(token)}</NextContinuationToken>{nl}"
+               if token else ""))
+    body = head + (common_xml + contents if prefixes_first else contents + common_xml)
+    return (body + "</ListBucketResult>\n").encode()
+
+
+ODD_KEYS = ["a.jpg", "a b/c&d.jpg", "x<y>/'q'\"z\".png", "é/ü 2+3.webp", "tab\there.jpg",
+            "folder/", "p%41th/100%.jpg", "amp&amp;/lit.jpg", "ctl\x01/x.jpg", "emoji😀.jpg"]
+
+
+@pytest.mark.parametrize("layout", [
+    {}, {"url": True}, {"pretty": True}, {"etag": False}, {"token": "1/abc+&=="},
+    {"prefixes_first": True, "pretty": True}, {"url": True, "token": "t"}])
+def test_page_parser_agrees_with_xml_etree(layout):
+    """`parse_page` finds each field by its tags: on S3 documents with escaped, URL-encoded,
+    non-ASCII and control-character keys, pretty-printed or not, without ETags, with common
+    prefixes before or after the objects, it gives what a real XML parser gives."""
+    # A control character cannot be in XML 1.0 at all: S3 lists such keys URL-encoded.
+    keys = ODD_KEYS if layout.get("url") else [k for k in ODD_KEYS if "\x01" not in k]
+    body = _list_body(keys, ["sub/", "s&b <2>/", "ü/"], **layout)
+    got = prefixes.parse_page(body)
+    assert got == _etree_page(body)
+    assert len(got.files) == len(keys) - 1 and len(got.prefixes) == 3  # less the folder marker
+    assert got.token == layout.get("token")
+    if layout.get("etag", True):
+        assert got.files[0][2].startswith("100:etag:")
+    # Character references, as some servers write them.
+    ref = body.replace(b"<Key>a.jpg</Key>", b"<Key>&#97;&#x2e;jpg</Key>")
+    assert ref != body and prefixes.parse_page(ref) == got == _etree_page(ref)
+
+
 def test_the_listing_hook_turns_a_spoilt_200_into_a_retryable_500():
-    ok = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws'
-          b'.com/doc/2006-03-01/"><IsTruncated>false</IsTruncated><Contents><Key>a.jpg</Key>'
-          b'<Size>3</Size><ETag>"e"</ETag></Contents></ListBucketResult>')
-    for body, status in [(ok, 200), (ok[:60], 500), (b"", 500),
-                         (b"<Error><Code>SlowDown</Code></Error>", 500)]:
+    ok = _list_body(["a.jpg"])
+    for body, status in [(ok, 200), (ok[:len(ok) // 2], 500), (ok[:-5], 500), (b"", 500),
+                         (b"<Error><Code>SlowDown</Code></Error>", 500),
+                         (b"<html><body>proxy login</body></html>", 500)]:
         response, custom = {"status_code": 200, "body": body}, {}
         prefixes._parse_once(response, custom)
         assert response["status_code"] == status
         if status == 200:
-            assert prefixes.parse_page(custom["Root"]).files == [("a.jpg", 3, "3:etag:e")]
+            assert custom["Page"].files == [("a.jpg", 100, f"100:etag:{0:032x}")]
             assert response["body"] == prefixes._EMPTY
         else:
             assert response["body"] == body and not custom  # botocore parses the error
