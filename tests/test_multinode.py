@@ -6,10 +6,9 @@ The node with the custom resource `model_node` stands for the GPU node: the mode
 there (`--model-resources`), read/decode/write tasks run on any node with CPUs. The test shows
 that parts are written on worker nodes, never the driver's (the summary's nodes, and each
 part's own file metadata), that the output equals a single-node run's row for row, and what
-happens when a node is lost mid-run: the CPU node (Ray reschedules its tasks); and the only
+happens when a node is lost mid-run: the CPU node (Ray reschedules its tasks); then the only
 model node (the job fails soon after --node-loss-timeout, naming the lost node, and a rerun on
-a new model node resumes; its own test, out of the default run for its cost: two more jobs on a
-cluster of its own, 2.5-8 min on the shared 2-core machine; `-m lost_model_node` runs it).
+a new model node resumes from the committed parts).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from resnet_features.extract.pipeline import run
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: How long the job waits for a node that can host a model actor once none is left.
-NODE_LOSS_TIMEOUT = 20
+NODE_LOSS_TIMEOUT = 10
 
 #: One model actor on the model node, half of its CPU: read/decode/write tasks (a quarter
 #: each) still fit beside it once the CPU node is gone.
@@ -115,7 +114,7 @@ def check_exactly_once(out: str, run_id: str, paths: list[str]) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # three ray start nodes and four jobs on 2 cores
+@pytest.mark.timeout(1500)  # four ray start nodes and five jobs on 2 cores
 def test_multinode_cluster_writes_on_workers_and_survives_lost_nodes(
         resnet18_weights, ray_local, tmp_path):
     inp = str(tmp_path / "in")
@@ -175,22 +174,9 @@ def test_multinode_cluster_writes_on_workers_and_survives_lost_nodes(
         assert code == 0, log[-4000:]
         check_exactly_once(out, "cpu-lost", paths)
 
-
-@pytest.mark.slow
-@pytest.mark.lost_model_node  # not in the default run (its cost): see pyproject's addopts
-@pytest.mark.timeout(1200)
-def test_lost_only_model_node_fails_in_bounded_time_and_resumes(resnet18_weights, tmp_path):
-    """The only model node is lost mid-run: no model actor can come back, so the job fails
-    soon after --node-loss-timeout, naming the lost node, with its committed parts kept; a
-    rerun on a new model node resumes from them."""
-    inp = str(tmp_path / "in")
-    paths = write_small(inp, 24, seed=21)
-    out = str(tmp_path / "out")
-    staging = os.path.join(out, "_staging")
-    with ray_cluster() as cluster:
-        model = cluster.add_worker("model", num_cpus=1, resources={"model_node": 1})
-        cluster.add_worker("cpu", num_cpus=1)
-        cluster.resolve_node_ids()
+        # 3. The only model node is lost mid-run: no model actor can come back, so the job
+        # fails soon after --node-loss-timeout, naming the lost node, with its committed parts
+        # kept; a rerun on a new model node resumes from them.
         job = submit(cluster, job_args(inp, out, resnet18_weights, "model-lost", *CLUSTER_FLAGS))
         wait_for_commit(os.path.join(staging, "run=model-lost"), job, cluster)
         model.kill()
@@ -199,17 +185,18 @@ def test_lost_only_model_node_fails_in_bounded_time_and_resumes(resnet18_weights
         elapsed = time.time() - t0
         print(f"model node lost: the job exited {code} {elapsed:.0f} s after the kill")
         print("\n".join(line for line in log.splitlines() if "model actor" in line))
-        assert code == 1 and "no alive Ray node can host a model actor" in log, log[-4000:]
+        assert code == 1 and "no alive Ray node can host a model actor" in log, (
+            log[-6000:] + "\n" + cluster_state(cluster))
         assert f"node {model.node_id}" in log, log[-4000:]  # names the lost node
         # The bound: Ray's few seconds to mark the node dead, --node-loss-timeout, a poll of
         # the watchdog and of the driver's loop, the pipeline's shutdown and the exit; the
-        # margin is for this loaded machine (typically 30-40 s in all).
+        # margin is for a loaded machine (typically 25-40 s in all).
         assert elapsed < NODE_LOSS_TIMEOUT + 90, log[-4000:]
         assert os.path.isdir(os.path.join(staging, "run=model-lost"))  # committed parts kept
         cluster.add_worker("model2", num_cpus=1, resources={"model_node": 1})
         code, log = finish(submit(cluster, job_args(inp, out, resnet18_weights, "model-lost",
                                                     *CLUSTER_FLAGS)))
-        assert code == 0, log[-4000:]
+        assert code == 0, log[-4000:] + "\n" + cluster_state(cluster)
         summary = check_exactly_once(out, "model-lost", paths)
         assert summary["attempt"] == 1 and summary["reused"] > 0
 

@@ -277,14 +277,6 @@ def test_sigkill_driver_then_rerun_exactly_once(resnet18_weights, ray_address, t
 # -- end to end: the object store goes away while parts are written --------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_s3_outage_during_write_then_rerun_exactly_once(resnet18_weights, ray_local, tmp_path,
@@ -294,8 +286,9 @@ def test_s3_outage_during_write_then_rerun_exactly_once(resnet18_weights, ray_lo
     import boto3
     import s3fs
     from moto.server import ThreadedMotoServer
+    from raycluster import free_port
 
-    port = _free_port()
+    port = free_port()  # the server comes back on it: outside the ephemeral range
     endpoint = f"http://127.0.0.1:{port}"
     for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
                  "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
