@@ -251,12 +251,17 @@ def main(argv=None) -> int:
         results["job_wall_vs_usual_wall"] = round(
             statistics.median(j["wall_s"] for j in results["job"]) / wall, 3)
     results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    text = json.dumps(results, indent=2)
-    print(text)
+    results["date"] = time.strftime("%Y-%m-%d")
+    print(json.dumps(results, indent=2))
     if args.json:
-        with open(os.path.join(ROOT, args.json) if not os.path.isabs(args.json)
-                  else args.json, "w") as f:
-            f.write(text + "\n")
+        path = os.path.join(ROOT, args.json) if not os.path.isabs(args.json) else args.json
+        if os.path.exists(path):  # the file keeps every earlier run, newest first
+            with open(path) as f:
+                previous = json.load(f)
+            earlier = previous.pop("earlier_runs", [])
+            results["earlier_runs"] = [previous, *earlier]
+        with open(path, "w") as f:
+            f.write(json.dumps(results, indent=2) + "\n")
     return 0
 
 
