@@ -126,7 +126,7 @@ def _parse_once(response_dict, customized_response_dict, **_):
 
 def private_fs(storage_options: dict[str, Any] | None):
     """An s3fs filesystem of its own (never fsspec's cached instance, which read tasks in the
-    same process share), for ListObjectsV2 calls only: they return the parsed XML tree."""
+    same process share), for ListObjectsV2 calls only: they return the parsed `Page`."""
     options = {**(storage_options or {}), "skip_instance_cache": True}
     fs, _ = storage.filesystem("s3://", options)
     s3 = sync(fs.loop, fs.set_session)
@@ -180,8 +180,7 @@ def parse_page(body: bytes) -> Page:
     body cut off)."""
     text = body.decode("utf-8").strip()
     start = text.find("<ListBucketResult")
-    if start < 0 or text[:start].lstrip().startswith("<Error") or not text.endswith(
-            "</ListBucketResult>"):
+    if start < 0 or not text.endswith("</ListBucketResult>"):
         raise ValueError("not a whole ListBucketResult")
     head, *contents = text[start:].split("<Contents>")
     tail = contents[-1] if contents else head
