@@ -28,11 +28,14 @@ class LatencyProxy:
     """`with LatencyProxy("http://127.0.0.1:PORT", latency_ms=20) as url:` -> the proxy's URL.
 
     It counts what passes: requests by method, range requests and response body bytes
-    (`stats()`, or GET `STATS_PATH` when it runs in its own process)."""
+    (`stats()`, or GET `STATS_PATH` when it runs in its own process). `rewrite(method, path,
+    body) -> body`, if given, changes a response body on its way back (tests spoil responses
+    with it)."""
 
-    def __init__(self, upstream: str, latency_ms: float = 20.0):
+    def __init__(self, upstream: str, latency_ms: float = 20.0, rewrite=None):
         self.upstream = urlsplit(upstream)
         self.latency = latency_ms / 1000.0
+        self.rewrite = rewrite
         self.requests: collections.Counter[str] = collections.Counter()
         self.ranged = 0
         self.bytes_out = 0
@@ -57,6 +60,8 @@ class LatencyProxy:
                 if body is not None:
                     headers["Content-Length"] = str(len(body))
                 status, resp_headers, data = proxy._send(self.command, self.path, body, headers)
+                if proxy.rewrite is not None:
+                    data = proxy.rewrite(self.command, self.path, data)
                 # Counted before the reply goes out: a client that has its answer must find
                 # the request in the counters already.
                 with proxy._lock:

@@ -4,13 +4,20 @@ a plain `fs.find` lists, each once, in its order."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from resnet_features.extract.inputs import prefixes
 from resnet_features.extract.inputs.common import IMAGE_EXTENSIONS, LISTING_SCHEMA, extension
+from tests.helpers import ROOT
 from tests.s3_server import moto_s3
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from latency_proxy import LatencyProxy  # noqa: E402
 
 BUCKET = "listing"
 
@@ -209,62 +216,6 @@ def test_column_flags_on_an_s3_image_prefix_are_refused(s3, resnet18_weights, mo
         pipeline.run(cfg)
 
 
-class _FaultyListings:
-    """`with _FaultyListings(upstream) as url:` a loopback proxy to the S3 server that spoils
-    the first list responses the way S3 and networks do, with status 200: an error document
-    (S3's "200 with an error" case), then a body cut off halfway. `served` counts them."""
-
-    FAULTS = ("error", "cut")
-
-    def __init__(self, upstream: str):
-        import http.client
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        from urllib.parse import urlsplit
-
-        up = urlsplit(upstream)
-        self.served: list[str] = []
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
-                conn.request("GET", self.path, headers=dict(self.headers))
-                resp = conn.getresponse()
-                body = resp.read()
-                conn.close()
-                fault = None
-                if "list-type=2" in self.path and len(proxy.served) < len(proxy.FAULTS):
-                    fault = proxy.FAULTS[len(proxy.served)]
-                    proxy.served.append(fault)
-                if fault == "error":
-                    body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError'
-                            b'</Code><Message>We encountered an internal error.</Message></Error>')
-                elif fault == "cut":
-                    body = body[:len(body) // 2]
-                self.send_response(resp.status)
-                self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-
-    def __enter__(self) -> str:
-        import threading
-
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-
-
 def test_a_spoilt_200_list_response_is_retried(s3, tmp_path, monkeypatch):
     """The listing client parses each page once, in its own hook, in place of botocore's check
     for S3's "200 with an error body": an error document or a cut-off body sent with status
@@ -274,14 +225,25 @@ def test_a_spoilt_200_list_response_is_retried(s3, tmp_path, monkeypatch):
     from fsspec.asyn import sync
 
     monkeypatch.setattr(prefixes, "PAGE_KEYS", 7)
-    proxy = _FaultyListings(s3.endpoint)
-    with proxy as url:
+    served: list[str] = []
+
+    def spoil(method: str, path: str, body: bytes) -> bytes:
+        """The first list responses, spoilt as S3 and networks do under status 200: an error
+        document (S3's "200 with an error" case), then a body cut off halfway."""
+        if "list-type=2" not in path or len(served) == 2:
+            return body
+        served.append(["error", "cut"][len(served)])
+        if served[-1] == "error":
+            return (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError'
+                    b'</Code><Message>We encountered an internal error.</Message></Error>')
+        return body[:len(body) // 2]
+
+    with LatencyProxy(s3.endpoint, latency_ms=0, rewrite=spoil) as url:
         opts = {**s3.storage_options(),
                 "client_kwargs": {"endpoint_url": url, "region_name": "us-east-1"}}
         fs = prefixes.private_fs(opts)
         bucket, units = prefixes.plan_prefix(fs, f"s3://{BUCKET}/root", want=1)
         result = prefixes.list_units(opts, bucket, units, str(tmp_path / "chunks"), 0)
-        served = proxy.served
     assert served == ["error", "cut"]  # both spoilt pages reached the client
     got = pa.concat_tables([pq.read_table(c.path) for c in result["chunks"]])
     expected = _expected(s3.fs(), f"{BUCKET}/root")
