@@ -63,8 +63,8 @@ def _traced_classes():
 
     class TracedDecode(Decode):
         def __call__(self, batch):
-            if not getattr(self, "_seen", False):
-                self._seen = True
+            if not os.environ.get("RF_STARTUP_DECODE_SEEN"):  # once per process: each task
+                os.environ["RF_STARTUP_DECODE_SEEN"] = "1"  # unpickles a new Decode
                 _record("decode_first_call")
             return super().__call__(batch)
 
@@ -72,19 +72,21 @@ def _traced_classes():
 
 
 def child_job(args) -> None:
-    """One job run from a fresh process, with the driver's stages traced."""
+    """One job run from a fresh process, as `python jobs/extract.py ...` runs it (the CLI's
+    entry and exit), with the driver's stages traced."""
     _record("driver_start")
-    from resnet_features.core.config import config_from_args, get_args_parser
+    from resnet_features import cli
+    from resnet_features.core.entry import exit_process
 
-    cfg = config_from_args(get_args_parser().parse_args(
-        ["--input", args.input, "--output", args.output, "--overwrite", "--model", args.model,
-         "--weights", args.weights, "--task", "embed", "--batch-size", str(args.batch_size)]))
+    argv = ["--input", args.input, "--output", args.output, "--overwrite", "--model", args.model,
+            "--weights", args.weights, "--task", "embed", "--batch-size", str(args.batch_size),
+            *args.job_args]
     from resnet_features.extract import pipeline
 
     _record("driver_imports_done")
     traced_runner, traced_decode = _traced_classes()
     pipeline.Decode = traced_decode
-    list_inputs, init_ray = pipeline.list_inputs, pipeline._init_ray
+    list_inputs, init_ray, run = pipeline.list_inputs, pipeline._init_ray, pipeline.run
 
     def listed(*a, **k):
         out = list_inputs(*a, **k)
@@ -94,13 +96,19 @@ def child_job(args) -> None:
     def ray_ready():
         init_ray()
         _record("ray_init_done")
+        import ray
 
-    pipeline.list_inputs, pipeline._init_ray = listed, ray_ready
-    import ray
+        ray.data.DataContext.get_current().enable_progress_bars = False
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    result = pipeline.run(cfg, runner_cls=traced_runner)
-    _record("driver_end", exit_code=result.exit_code, rows=result.summary["succeeded"])
+    def traced_run(cfg):
+        result = run(cfg, runner_cls=traced_runner)
+        _record("driver_end", exit_code=result.exit_code, rows=result.summary["succeeded"])
+        return result
+
+    pipeline.list_inputs, pipeline._init_ray, pipeline.run = listed, ray_ready, traced_run
+    code = cli.main(argv)
+    _record("shutdown_done", exit_code=code)
+    exit_process(code)
 
 
 def child_usual(args) -> None:
@@ -129,7 +137,8 @@ def _launch(mode: str, args, trace: str) -> tuple[float, list[dict]]:
     env = {**os.environ, TRACE_ENV: trace, "PYTHONPATH": ROOT, "RAY_ADDRESS": "local"}
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--input", args.input,
            "--output", args.output, "--weights", args.weights, "--model", args.model,
-           "--batch-size", str(args.batch_size)]
+           "--batch-size", str(args.batch_size),
+           *([f"--job-args={' '.join(args.job_args)}"] if mode == "job" and args.job_args else [])]
     t0 = time.time()
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - t0
@@ -149,7 +158,8 @@ def _profile(wall: float, events: list[dict]) -> dict:
     for e in events:
         if e["event"].startswith("actor") or e["event"] == "first_model_call":
             actors.setdefault(e["pid"], {})[e["event"]] = e
-    decoders = [e for e in events if e["event"] == "decode_first_call"]
+    decoders = list({e["pid"]: e for e in reversed(events)
+                     if e["event"] == "decode_first_call"}.values())
     driver = {e["event"]: e for e in events if e["event"].startswith("driver")}
     return {
         "wall_s": round(wall, 2),
@@ -160,6 +170,8 @@ def _profile(wall: float, events: list[dict]) -> dict:
                                  if "actor_ready" in a),
         "first_decode_s": first("decode_first_call"),
         "first_model_call_s": first("first_model_call"),
+        "run_done_s": first("driver_end"),
+        "ray_shutdown_done_s": first("shutdown_done"),
         "cpu_s_before_work": {
             "driver_imports": round(driver["driver_imports_done"]["cpu"]
                                     - driver["driver_start"]["cpu"], 2)
@@ -208,6 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=64, help="one in four is 12 MP")
     p.add_argument("--runs", type=int, default=1, help="job runs (the usual pattern runs once)")
     p.add_argument("--usual", type=int, default=1, choices=(0, 1))
+    p.add_argument("--job-args", type=str.split, default=[],
+                   help="more extract flags for the job runs, one string (e.g. '--concurrency 1')")
     p.add_argument("--import-repeats", type=int, default=3)
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "rf_startup"))
     p.add_argument("--json", default="benchmarks/results_startup.json")

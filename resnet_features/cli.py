@@ -93,6 +93,8 @@ def _run(parser, args) -> int:
         # writing: committed parts are durable, and a rerun resumes from them).
         faulthandler.dump_traceback_later(EXIT_GRACE_SECONDS, exit=True)
         raise
+    finally:
+        pipeline.shutdown_ray()
     if result.summary.get("noop"):
         print(f"NO-OP: {result.reason}")
         return 0

@@ -177,14 +177,18 @@ def test_speed_flags_are_validated():
 
 
 def test_cpu_model_actor_layout():
-    """CPU actors: few threads each, at most 8 per node, no more than batches, and together
-    they reserve at most half the CPUs (decode tasks need the rest, or the job would hang)."""
+    """CPU actors: few threads each, at most 8 per node, no more than batches or one per 128
+    inputs, and together they reserve at most half the CPUs (decode tasks need the rest, or
+    the job would hang)."""
     from resnet_features.extract.pipeline import _cpu_layout
 
     def layout(*argv, n=10_000, batch=32, node=2, cluster=2):
         return _cpu_layout(cfg(*argv), n, batch, node, cluster)
     assert layout() == (2, 1, 0.5)  # 2 cores: two 1-thread actors, one CPU left for decode
     assert layout(n=5) == (1, 2, 1.0)  # one batch: one actor on both cores
+    assert layout(n=64, batch=8) == (1, 2, 1.0)  # 8 batches but a small run: one actor
+    assert layout(n=129, batch=8) == (2, 1, 0.5)
+    assert layout(n=300, node=32, cluster=96) == (3, 10, 5.0)  # 3 actors x 10 threads
     assert layout(node=32, cluster=96) == (24, 4, 2.0)  # 3 nodes of 32: 8 actors per node
     assert layout("--concurrency", "4") == (4, 1, 0.25)  # 4 x 0.25 = half of 2 CPUs
     assert layout("--concurrency", "1") == (1, 2, 1.0)

@@ -68,18 +68,21 @@ def test_resize_same_size_is_identity():
 
 # What a Ray worker imports to run a decode task or host a model actor: the modules whose
 # classes and functions Ray unpickles there (Decode, ReadBytes, _ModelActor, ModelRunner,
-# every output unit), and building a model and decoding a JPEG with them.
+# every output unit); then an actor's model built from a state_dict (through a meta-device
+# skeleton) and run, and a JPEG decoded.
 WORKER_CODE = """
 import io, numpy as np
 from PIL import Image
 from resnet_features.extract import pipeline, decode, inference, outputs
 from resnet_features.extract.inputs import ReadBytes
-from resnet_features.core.models import build_model
+from resnet_features.core.models import ModelSpec, Preprocessing
 from resnet_features.core.resnet import resnet
-spec_model = resnet("resnet18").eval()
-buf = io.BytesIO(); Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(buf, "JPEG")
-from resnet_features.core.models import Preprocessing
 prep = Preprocessing(256, 224, (0.5,) * 3, (0.5,) * 3, "bilinear", True, "test")
+spec = ModelSpec(name="resnet18", weights="w.pth", weights_id="sha256:0", preprocessing=prep,
+                 categories=tuple(map(str, range(1000))), embedding_dim=512, num_classes=1000)
+runner = inference.ModelRunner(spec, resnet("resnet18").state_dict(), inference.InferenceOptions())
+runner.forward(np.zeros((2, 64, 64, 3), np.uint8))
+buf = io.BytesIO(); Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(buf, "JPEG")
 img = decode.decode_image(buf.getvalue(), prep, decode.DecodeOptions())
 assert img.pixels.shape == (224, 224, 3)
 """

@@ -8,13 +8,14 @@ storage or the machines. argparse's own errors exit 2 before any of this runs.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 from resnet_features.core.errors import UsageError
 from resnet_features.core.logs import setup_logging
 
-__all__ = ["EXIT_FAILED", "EXIT_USAGE", "NOT_RESUMABLE", "run_main"]
+__all__ = ["EXIT_FAILED", "EXIT_USAGE", "NOT_RESUMABLE", "exit_process", "run_main"]
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -49,3 +50,17 @@ def run_main(fn: Callable[[], int], *, what: str = "the command",
             line += f"; {resume_hint}"
         print(line, file=sys.stderr)
         return EXIT_FAILED
+
+
+def exit_process(code: int):
+    """End the process now with `code`, after flushing the logs and standard streams.
+
+    For an entry script whose work is done and durable (output committed, Ray shut down):
+    Python's own teardown of torch, Ray and Arrow then takes 1-1.5 s on 2 cores (module
+    finalisers, unloading libraries) and has nothing left to do. No atexit handler runs, so
+    the caller must have released what needs releasing.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -104,6 +104,10 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
+        if self.fc.weight.is_meta:
+            # Shapes only (a probe, or a model a strict load fills): no values to set, and
+            # normal_ on the meta device imports torch._dynamo (~1.1 CPU-s on 2 cores).
+            return
         for m in self.modules():  # torchvision's initialisation (used by --weights random)
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

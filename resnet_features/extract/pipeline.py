@@ -176,9 +176,15 @@ class _Background:
         return self._out[0]
 
 
+#: Whether this process started (or joined) Ray itself, so `shutdown_ray` should end it.
+_ray_started_here = False
+
+
 def _init_ray() -> None:
+    global _ray_started_here
     if ray.is_initialized():
         return
+    _ray_started_here = True
     # RAY_ADDRESS (set by `ray job submit`) or a live cluster started with `ray start` on this
     # machine: join it. Otherwise start a private local instance; never join a dead cluster
     # whose address file a killed `ray start` left behind (ray.init would wait on it forever).
@@ -188,6 +194,15 @@ def _init_ray() -> None:
     # `ray start --head` has its own dashboard.
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
              **({"include_dashboard": False} if address == "local" else {}))
+
+
+def shutdown_ray() -> None:
+    """Disconnect from Ray, and end a private local instance, if this module started it (a
+    caller that had initialised Ray itself keeps it)."""
+    global _ray_started_here
+    if _ray_started_here and ray.is_initialized():
+        ray.shutdown()
+    _ray_started_here = False
 
 
 def _local_cluster_alive() -> bool:
@@ -339,6 +354,12 @@ def _node_cpus() -> float:
 #: CPU model actors per node by default: each runs torch on a few threads (see _cpu_layout).
 CPU_ACTORS_PER_NODE = 8
 
+#: Fewest inputs per CPU model actor by default. Starting one costs ~3.7 CPU-seconds on 2
+#: cores (worker boot, torch, the weights): about what one thread spends on 40 ResNet-50
+#: images, and more than a second actor wins back (10-24%) on fewer than ~128. So a small
+#: run (the demo, a nightly increment, a test) gets one actor on all the node's cores.
+CPU_IMAGES_PER_ACTOR = 128
+
 
 def _cpu_layout(cfg: ExtractConfig, n_inputs: int, batch_size: int, node_cpus: float,
                 cluster_cpus: float) -> tuple[int, int, float]:
@@ -351,13 +372,15 @@ def _cpu_layout(cfg: ExtractConfig, n_inputs: int, batch_size: int, node_cpus: f
     time. On 2 cores, two 1-thread actors beat one 2-thread actor in the job (10-24% in
     back-to-back pairs, ~5% in the median of noisier runs), while the bare forward pass is the
     same either way (BENCHMARKS.md). At most CPU_ACTORS_PER_NODE actors per node bound the
-    memory (a model copy each), and never more actors than batches. Together the actors
+    memory (a model copy each), and never more actors than batches or than one per
+    CPU_IMAGES_PER_ACTOR inputs (a small run starts fewer processes). Together the actors
     reserve at most half the CPUs, so Ray still schedules decode tasks on the rest; torch runs
     on all of them, as decode is a small share of the work.
     """
     threads = cfg.cpu_threads or max(1, int(node_cpus // CPU_ACTORS_PER_NODE))
     batches = max(1, -(-n_inputs // batch_size))
-    size = cfg.concurrency or max(1, min(int(cluster_cpus // threads), batches))
+    size = cfg.concurrency or max(1, min(int(cluster_cpus // threads), batches,
+                                         -(-n_inputs // CPU_IMAGES_PER_ACTOR)))
     if not cfg.cpu_threads:  # fewer actors than the node has room for: more threads each
         threads = max(threads, int(node_cpus // size))
     return size, threads, cfg.num_cpus_per_worker or min(threads / 2, cluster_cpus / 2 / size)
