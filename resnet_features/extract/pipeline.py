@@ -354,10 +354,10 @@ def _node_cpus() -> float:
 #: CPU model actors per node by default: each runs torch on a few threads (see _cpu_layout).
 CPU_ACTORS_PER_NODE = 8
 
-#: Fewest inputs per CPU model actor by default. Starting one costs ~3.7 CPU-seconds on 2
-#: cores (worker boot, torch, the weights): about what one thread spends on 40 ResNet-50
-#: images, and more than a second actor wins back (10-24%) on fewer than ~128. So a small
-#: run (the demo, a nightly increment, a test) gets one actor on all the node's cores.
+#: Fewest inputs per CPU model actor by default. Starting one costs ~2.8 CPU-seconds on 2
+#: cores (worker boot, torch, the weights): about what one thread spends on 30 ResNet-50
+#: images, and more than a second actor wins back (10-24% of the compute) on fewer than ~128.
+#: So a small run (the demo, a nightly increment, a test) gets one actor on all the cores.
 CPU_IMAGES_PER_ACTOR = 128
 
 
