@@ -135,7 +135,7 @@ def test_multinode_cluster_writes_on_workers_and_survives_lost_nodes(resnet18_we
         cluster.resolve_node_ids()
 
         print(f"phase 1 starts {time.time() - t_start:.0f} s into the test")
-        # 1. The whole run: parts written on worker nodes, the same rows as on one node.
+        # 1. The whole run: parts written on worker nodes, the rows the stages compute.
         code, log = finish(submit(cluster, job_args(inp, out, resnet18_weights, "r",
                                                     *CLUSTER_FLAGS)))
         assert code == 0, log[-6000:] + "\n" + cluster_state(cluster)
