@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from resnet_features.core.errors import UsageError
 from resnet_features.core.logs import setup_logging
@@ -52,7 +53,7 @@ def run_main(fn: Callable[[], int], *, what: str = "the command",
         return EXIT_FAILED
 
 
-def exit_process(code: int):
+def exit_process(code: int) -> NoReturn:
     """End the process now with `code`, after flushing the logs and standard streams.
 
     For an entry script whose work is done and durable (output committed, Ray shut down):

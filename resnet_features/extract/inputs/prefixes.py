@@ -183,9 +183,9 @@ def parse_page(body: bytes) -> Page:
     if start < 0 or not text.endswith("</ListBucketResult>"):
         raise ValueError("not a whole ListBucketResult")
     head, *contents = text[start:].split("<Contents>")
-    tail = contents[-1] if contents else head
-    url = "<EncodingType>url</EncodingType>" in head or (
-        "<EncodingType>url</EncodingType>" in tail.rpartition("</Contents>")[2])
+    # What is not in a Contents block: the page's own fields and the CommonPrefixes.
+    outside = head + (contents[-1].partition("</Contents>")[2] if contents else "")
+    url = "<EncodingType>url</EncodingType>" in outside
 
     def name(raw: str) -> str:
         raw = _unescape(raw)
@@ -201,8 +201,6 @@ def parse_page(body: bytes) -> Page:
         etag = _field(block, "ETag")
         modified = _field(block, "LastModified")
         files.append((key, size, _fingerprint(size, etag and _unescape(etag), modified)))
-    # What is not in a Contents block: the page's own fields and the CommonPrefixes.
-    outside = head + (tail[tail.index("</Contents>") + 11:] if contents else "")
     prefixes = [name(_field(p, "Prefix") or "") for p in outside.split("<CommonPrefixes>")[1:]]
     outside = outside.split("<CommonPrefixes>")[0] + outside.rpartition("</CommonPrefixes>")[2]
     token = None
