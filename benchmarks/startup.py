@@ -205,7 +205,8 @@ def import_cpu(repeats: int) -> dict:
                                      capture_output=True, text=True,
                                      env={**os.environ, "PYTHONPATH": ROOT}).stdout)
                 for _ in range(repeats)]
-        out[kind] = round(statistics.median(runs), 2)
+        if runs:
+            out[kind] = round(statistics.median(runs), 2)
     return out
 
 
@@ -218,8 +219,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="resnet50")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--images", type=int, default=64, help="one in four is 12 MP")
-    p.add_argument("--runs", type=int, default=1, help="job runs (the usual pattern runs once)")
-    p.add_argument("--usual", type=int, default=1, choices=(0, 1))
+    p.add_argument("--runs", type=int, default=1, help="job runs")
+    p.add_argument("--usual", type=int, default=1,
+                   help="runs of the usual pattern, alternating with the job runs (0: none)")
     p.add_argument("--job-args", type=str.split, default=[],
                    help="more extract flags for the job runs, one string (e.g. '--concurrency 1')")
     p.add_argument("--import-repeats", type=int, default=3)
@@ -255,15 +257,26 @@ def main(argv=None) -> int:
                           "batch_size": args.batch_size},
                "import_cpu_s": import_cpu(args.import_repeats), "job": [], "usual": None}
     trace = os.path.join(args.workdir, "trace.jsonl")
-    for _ in range(args.runs):
-        results["job"].append(_profile(*_launch("job", args, trace)))
-        print(json.dumps(results["job"][-1]), flush=True)
-    if args.usual:
-        wall, events = _launch("usual", args, trace)
-        results["usual"] = {"wall_s": round(wall, 2), "ray_init_done_s": min(
-            e["at"] for e in events if e["event"] == "ray_init_done")}
+    # Job and usual runs alternate, so a change in the VM's speed during the sitting (a shared
+    # 2-core VM drifts by 20-30 % over minutes) reaches both sides of the ratio alike.
+    usual = []
+    for i in range(max(args.runs, args.usual)):
+        if i < args.runs:
+            results["job"].append(_profile(*_launch("job", args, trace)))
+            print(json.dumps(results["job"][-1]), flush=True)
+        if i < args.usual:
+            wall, events = _launch("usual", args, trace)
+            usual.append({"wall_s": round(wall, 2), "ray_init_done_s": min(
+                e["at"] for e in events if e["event"] == "ray_init_done")})
+            print(json.dumps({"usual": usual[-1]}), flush=True)
+    if usual:
+        results["usual"] = {
+            "wall_s": statistics.median(u["wall_s"] for u in usual),
+            "ray_init_done_s": statistics.median(u["ray_init_done_s"] for u in usual),
+            "runs": usual}
         results["job_wall_vs_usual_wall"] = round(
-            statistics.median(j["wall_s"] for j in results["job"]) / wall, 3)
+            statistics.median(j["wall_s"] for j in results["job"])
+            / results["usual"]["wall_s"], 3)
     results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["date"] = time.strftime("%Y-%m-%d")
     print(json.dumps(results, indent=2))
