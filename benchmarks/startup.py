@@ -84,9 +84,16 @@ def child_job(args) -> None:
     from resnet_features.extract import pipeline
 
     _record("driver_imports_done")
-    traced_runner, traced_decode = _traced_classes()
-    pipeline.Decode = traced_decode
     list_inputs, init_ray, run = pipeline.list_inputs, pipeline._init_ray, pipeline.run
+    build_dataset = pipeline.build_dataset
+
+    def traced_build(*a):
+        # The traced stages subclass torch-importing ones: made once the plan has imported
+        # torch, as the driver imports it only then (while Ray starts).
+        from resnet_features.extract import decode
+
+        traced_runner, decode.Decode = _traced_classes()
+        return build_dataset(*a[:6], traced_runner)
 
     def listed(*a, **k):
         out = list_inputs(*a, **k)
@@ -101,11 +108,12 @@ def child_job(args) -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
 
     def traced_run(cfg):
-        result = run(cfg, runner_cls=traced_runner)
+        result = run(cfg)
         _record("driver_end", exit_code=result.exit_code, rows=result.summary["succeeded"])
         return result
 
     pipeline.list_inputs, pipeline._init_ray, pipeline.run = listed, ray_ready, traced_run
+    pipeline.build_dataset = traced_build
     code = cli.main(argv)
     _record("shutdown_done", exit_code=code)
     exit_process(code)

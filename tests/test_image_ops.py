@@ -96,3 +96,35 @@ def test_workers_import_neither_torchvision_nor_dynamo():
                        res.stderr, flags=re.M)
     assert not heavy, sorted({m[0] + m[1] for m in heavy})
     assert re.search(r"\|\s+torch\s*$", res.stderr, flags=re.M)  # the check can see imports
+
+
+# The driver's start-up: importing the pipeline (before `ray.init`, which starts Ray's processes
+# on the other core) must not import torch; the plan then resolves the weights from a state_dict
+# and builds the output units, which imports torch but not torchvision (its weights entries come
+# from core/weights_table.py when it matches the installed torchvision).
+DRIVER_CODE = """
+import sys
+from resnet_features.extract import pipeline
+assert "torch" not in sys.modules, "importing the pipeline imported torch"
+import torch
+from resnet_features.core.resnet import resnet
+from resnet_features.core.models import resolve_model, named_weights
+from resnet_features.extract.outputs import build_outputs
+from resnet_features.core.config import config_from_args, get_args_parser
+torch.save(resnet("resnet18").state_dict(), sys.argv[1])
+spec, sd = resolve_model("resnet18", sys.argv[1])
+named_weights("resnet50", "ResNet50_Weights.IMAGENET1K_V1")
+args = get_args_parser().parse_args(["--input", "i", "--output", "o", "--task", "both", "--layers", "layer3"])
+build_outputs(config_from_args(args), spec)
+assert spec.preprocessing.source == "ResNet18_Weights.IMAGENET1K_V1" and len(spec.categories) == 1000
+"""
+
+
+def test_driver_imports_torch_after_pipeline_and_never_torchvision(tmp_path):
+    res = subprocess.run([sys.executable, "-X", "importtime", "-c", DRIVER_CODE,
+                          str(tmp_path / "w.pth")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    heavy = re.findall(r"\|\s+(torchvision|torch\._dynamo)(\.\S*)?\s*$", res.stderr, flags=re.M)
+    assert not heavy, sorted({m[0] + m[1] for m in heavy})
+    assert re.search(r"\|\s+torch\s*$", res.stderr, flags=re.M)  # the check can see imports

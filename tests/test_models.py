@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import pickle
 
 import pytest
 import torch
 from torchvision.models import get_model_weights
 
+from resnet_features.core import models, weights_table
 from resnet_features.core.models import (
     MODEL_NAMES,
+    Preprocessing,
+    WeightsEntry,
     WeightsError,
     build_model,
     load_state_dict,
@@ -23,8 +27,39 @@ from resnet_features.core.models import (
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_registry_names_resolve_through_torchvision(name):
     entry = named_weights(name, "DEFAULT")
-    assert entry is get_model_weights(name).DEFAULT
-    assert len(entry.meta["categories"]) == 1000
+    assert entry == WeightsEntry.from_torchvision(get_model_weights(name).DEFAULT)
+    assert len(entry.categories) == 1000
+    for weights in get_model_weights(name):  # every entry, by short and by full name
+        assert named_weights(name, weights.name) == WeightsEntry.from_torchvision(weights)
+        assert named_weights(name, str(weights)) == WeightsEntry.from_torchvision(weights)
+
+
+def test_weights_table_is_torchvisions():
+    """The generated table is what the installed torchvision says (else regenerate it with
+    `python -m resnet_features.core.weights_table`), and it is the one in use."""
+    with open(weights_table.TABLE_PATH) as f:
+        stored = json.load(f)
+    assert stored == weights_table.generate()
+    assert weights_table.load() == stored
+
+
+def test_weights_table_of_another_torchvision_is_not_used(monkeypatch):
+    """A table generated from another torchvision than the installed one is ignored: the
+    entries are read from torchvision itself."""
+    class ReadTorchvision(Exception):
+        pass
+
+    def weights_enum(model):
+        raise ReadTorchvision(model)
+
+    weights_table.load.cache_clear()
+    monkeypatch.setattr(weights_table, "installed_torchvision", lambda: "0.0.1")
+    monkeypatch.setattr(models, "_weights_enum", weights_enum)
+    try:
+        with pytest.raises(ReadTorchvision):
+            named_weights("resnet18", "DEFAULT")
+    finally:
+        weights_table.load.cache_clear()
 
 
 def test_unknown_model_and_weights_name_say_what_is_available():
@@ -37,6 +72,7 @@ def test_unknown_model_and_weights_name_say_what_is_available():
 def test_state_dict_spec_takes_preprocessing_and_categories_from_weights(resnet18_weights):
     spec, sd = resolve_model("resnet18", resnet18_weights)
     entry = get_model_weights("resnet18").DEFAULT
+    assert spec.preprocessing == Preprocessing.from_weights(entry)
     assert spec.preprocessing.resize_size == entry.transforms().resize_size[0]
     assert spec.categories == tuple(entry.meta["categories"])
     assert spec.embedding_dim == 512
@@ -83,3 +119,17 @@ def test_sha256_pin_and_weights_only(resnet18_weights, tmp_path):
 
 class _Evil:
     """An arbitrary object: unpickling it would run code, which weights_only=True refuses."""
+
+
+def test_named_weights_load_from_the_torch_hub_cache(monkeypatch, tmp_path, resnet18_weights):
+    """Named weights are torch hub's file for the entry's URL (what torchvision's
+    `get_state_dict` loads); the output names the entry, not a file hash."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = get_model_weights("resnet18").IMAGENET1K_V1.url
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(open(resnet18_weights, "rb").read())
+    spec, sd = resolve_model("resnet18", "DEFAULT")
+    assert spec.weights_id == "ResNet18_Weights.IMAGENET1K_V1"
+    ref = torch.load(resnet18_weights, weights_only=True)
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)

@@ -1,8 +1,10 @@
 """Model specs: which ResNets exist, how their weights load, and the preprocessing that goes with them.
 
 The torchvision weights entry *is* the spec: resize/crop sizes, mean/std, interpolation and the
-category names are read from it, never copied by hand. Weights are resolved once, on the driver,
-so a missing file fails the job at start-up instead of in every actor.
+category names are read from it, never copied by hand (through `weights_table`, its generated
+copy for the installed torchvision, so the driver need not import torchvision). Weights are
+resolved once, on the driver, so a missing file fails the job at start-up instead of in every
+actor.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from resnet_features.core import storage
+from resnet_features.core import storage, weights_table
 from resnet_features.core.errors import WeightsError
 from resnet_features.core.resnet import resnet
 from resnet_features.core.vocab import MODEL_NAMES, NAMED_WEIGHTS
@@ -29,6 +31,7 @@ __all__ = [
     "MODEL_NAMES",
     "ModelSpec",
     "Preprocessing",
+    "WeightsEntry",
     "WeightsError",
     "build_model",
     "load_state_dict",
@@ -83,47 +86,90 @@ class ModelSpec:
     num_classes: int
 
 
+@dataclass(frozen=True)
+class WeightsEntry:
+    """One torchvision weights entry as the driver uses it: where its file is, its eval
+    preprocessing and its category names."""
+
+    enum: str  # "ResNet50_Weights"
+    name: str  # "IMAGENET1K_V2"
+    url: str
+    preprocessing: Preprocessing
+    categories: tuple[str, ...]
+
+    @property
+    def id(self) -> str:
+        return f"{self.enum}.{self.name}"
+
+    @classmethod
+    def from_torchvision(cls, weights: WeightsEnum) -> WeightsEntry:
+        return cls(enum=type(weights).__name__, name=weights.name, url=weights.url,
+                   preprocessing=Preprocessing.from_weights(weights),
+                   categories=tuple(weights.meta["categories"]))
+
+
 def _weights_enum(model: str) -> type[WeightsEnum]:
-    if model not in MODEL_NAMES:
-        raise WeightsError(f"unknown model {model!r}; choose one of: {', '.join(MODEL_NAMES)}")
-    # torchvision (its __init__ imports torch._dynamo, ~2.5 s of CPU) only where weights
-    # entries are read: on the driver. Workers build the model from core/resnet.py.
+    # torchvision (its __init__ imports torch._dynamo, ~0.9 s of CPU more than torch) only
+    # where weights entries are read from it: on the driver, when weights_table does not match
+    # the installed torchvision. Workers build the model from core/resnet.py.
     from torchvision.models import get_model_weights
 
     return get_model_weights(model)
 
 
-def named_weights(model: str, name: str) -> WeightsEnum:
+def _model_entries(model: str) -> tuple[str, str, dict[str, WeightsEntry]]:
+    """(enum name, DEFAULT's name, entries by name) of a model, from the generated table when
+    it matches the installed torchvision, else from torchvision."""
+    if model not in MODEL_NAMES:
+        raise WeightsError(f"unknown model {model!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    table = weights_table.load()
+    if table is None:
+        enum = _weights_enum(model)
+        return (enum.__name__, enum.DEFAULT.name,
+                {w.name: WeightsEntry.from_torchvision(w) for w in enum})
+    row = table["models"][model]
+    entries = {
+        name: WeightsEntry(
+            enum=row["enum"], name=name, url=e["url"],
+            preprocessing=Preprocessing(
+                resize_size=e["resize_size"], crop_size=e["crop_size"], mean=tuple(e["mean"]),
+                std=tuple(e["std"]), interpolation=e["interpolation"],
+                antialias=e["antialias"], source=f"{row['enum']}.{name}"),
+            categories=tuple(table["categories"][e["categories"]]))
+        for name, e in row["entries"].items()}
+    return row["enum"], row["default"], entries
+
+
+def named_weights(model: str, name: str) -> WeightsEntry:
     """`DEFAULT`/`IMAGENET1K_V1`/... or a full `ResNet50_Weights.IMAGENET1K_V2` for this model."""
-    enum = _weights_enum(model)
-    short = name.split(".", 1)[1] if name.startswith(enum.__name__ + ".") else name
-    try:
-        return enum[short]
-    except KeyError:
+    enum, default, entries = _model_entries(model)
+    short = name.split(".", 1)[1] if name.startswith(enum + ".") else name
+    entry = entries.get(default if short == "DEFAULT" else short)
+    if entry is None:
         raise WeightsError(
-            f"{model} has no weights {name!r}; available: DEFAULT, "
-            + ", ".join(w.name for w in enum)
-        ) from None
+            f"{model} has no weights {name!r}; available: DEFAULT, " + ", ".join(entries))
+    return entry
 
 
 def is_named_weights(weights: str) -> bool:
     return weights in NAMED_WEIGHTS or "_Weights." in weights
 
 
-def hub_checkpoint_path(weights: WeightsEnum) -> str:
+def hub_checkpoint_path(weights: WeightsEntry) -> str:
     """Where torch.hub keeps (or would keep) this weights file."""
     filename = os.path.basename(urlparse(weights.url).path)
     return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
 
 
-def _load_named(weights: WeightsEnum) -> dict[str, torch.Tensor]:
+def _load_named(weights: WeightsEntry) -> dict[str, torch.Tensor]:
     path = hub_checkpoint_path(weights)
     try:
-        # torchvision's own loader: reads the hub cache, downloads when missing, checks the hash.
-        return weights.get_state_dict(progress=False, check_hash=True)
+        # What torchvision's `WeightsEnum.get_state_dict` calls: reads the hub cache, downloads
+        # when missing, checks the hash in the file name.
+        return torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; hash mismatch a RuntimeError
         raise WeightsError(
-            f"weights {type(weights).__name__}.{weights.name} are not in the torch hub cache and "
+            f"weights {weights.id} are not in the torch hub cache and "
             f"could not be downloaded ({type(exc).__name__}: {exc}). Missing file: "
             f"{os.path.basename(path)}, expected at {path}. Provide it by downloading "
             f"{weights.url} on a machine with internet access and copying it there (or set "
@@ -216,11 +262,10 @@ def resolve_model(
     Named weights bring their own preprocessing and categories; a state_dict or `random` takes
     them from the model's DEFAULT entry unless `preprocess_from` names another entry.
     """
-    enum = _weights_enum(model)
     if is_named_weights(weights):
         entry = named_weights(model, weights)
         state_dict = _load_named(entry)
-        weights_id = f"{enum.__name__}.{entry.name}"
+        weights_id = entry.id
         if weights_sha256 is not None:
             raise WeightsError("--weights-sha256 applies to a state_dict file, not to named weights")
     else:
@@ -235,13 +280,13 @@ def resolve_model(
         else:
             state_dict, digest = load_state_dict(weights, storage_options, weights_sha256)
             weights_id = f"sha256:{digest}"
-    categories = tuple(entry.meta["categories"])
+    categories = entry.categories
     probe = _meta_model(model, len(categories))  # for the dimensions and the fit check below
     spec = ModelSpec(
         name=model,
         weights=weights,
         weights_id=weights_id,
-        preprocessing=Preprocessing.from_weights(entry),
+        preprocessing=entry.preprocessing,
         categories=categories,
         embedding_dim=int(probe.fc.in_features),
         num_classes=len(categories),

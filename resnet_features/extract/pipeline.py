@@ -20,23 +20,18 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-import torch
 from ray.util.annotations import RayDeprecationWarning
 
 from resnet_features import __version__
-from resnet_features.core import storage
+from resnet_features.core import storage, weights_table
 from resnet_features.core.config import ExtractConfig
 from resnet_features.core.errors import ConfigError, DeviceError, OutputExistsError
-from resnet_features.core.models import ModelSpec, resolve_model
-from resnet_features.extract.decode import Decode, DecodeOptions
-from resnet_features.extract.gpu_decode import with_gpu_decode
-from resnet_features.extract.inference import InferenceOptions, ModelRunner, precision_name
 from resnet_features.extract.inputs import (
     InputSpec,
     Listing,
@@ -48,8 +43,6 @@ from resnet_features.extract.inputs import (
     stages_listing,
 )
 from resnet_features.extract.inputs.boxes import attach_boxes
-from resnet_features.extract.outputs import build_outputs, units_metadata
-from resnet_features.extract.outputs.grid import geometry_of
 from resnet_features.extract.staged import (
     LISTING_DIR,
     StagedListing,
@@ -58,9 +51,18 @@ from resnet_features.extract.staged import (
     load_chunk,
     select_staged,
 )
-from resnet_features.extract.writer import CommitLog, PartSink, auto_rows_per_file
 from resnet_features.runs import protocol as runs
 from resnet_features.runs.ledger import UriLookup
+
+# The stages that import torch (models, decode, inference, outputs, writer) are imported where
+# they are used, not here: the driver imports this module before it starts Ray, and `import
+# torch` (~1 CPU-second, one core) then ran before `ray.init`, whose processes could have
+# started on the other core meanwhile. Now the plan thread imports them while Ray starts
+# (tests/test_image_ops.py checks that importing this module leaves torch unimported).
+if TYPE_CHECKING:
+    from resnet_features.core.models import ModelSpec
+    from resnet_features.extract.inference import InferenceOptions
+    from resnet_features.extract.writer import CommitLog, PartSink
 
 __all__ = ["JobResult", "OutputExistsError", "run"]
 
@@ -176,12 +178,14 @@ class _Background:
         return self._out[0]
 
 
-def _import_ray_data() -> None:
-    """Import Ray Data and its streaming executor, on a thread while `ray.init` runs.
+def _preload() -> None:
+    """Import Ray Data, its streaming executor and the job's stages, on a thread while
+    `ray.init` runs.
 
-    Both are imported on first use otherwise: `ray.data` when the dataset is built and the
-    executor when it starts, right after `ray.init` and before the first task is submitted,
-    so their ~1 CPU-second sat on the start-up path; `ray.init` mostly waits on its processes.
+    Each is imported on first use otherwise: `ray.data` when the dataset is built, the stages
+    (decode: Pillow; the writer) when it is composed and the executor when it starts, all
+    after `ray.init` and before the first task is submitted, so their ~1.5 CPU-seconds sat on
+    the start-up path; `ray.init` mostly waits on its processes.
     """
     import ray.data
 
@@ -190,6 +194,7 @@ def _import_ray_data() -> None:
         import ray.data._internal.execution.streaming_executor  # noqa: F401
     except ImportError:  # moved in another Ray version: imported on first use, as before
         log.debug("Ray Data's streaming executor module was not found to preload")
+    from resnet_features.extract import decode, gpu_decode, inference, writer  # noqa: F401
 
 
 #: Whether this process started (or joined) Ray itself, so `shutdown_ray` should end it.
@@ -281,9 +286,16 @@ def build_dataset(
     state_ref: list,
     options: InferenceOptions,
     outputs: tuple,
-    runner_cls: Callable = ModelRunner,
+    runner_cls: Callable | None = None,
 ) -> ray.data.Dataset:
-    """The streaming Dataset of result batches; nothing runs until it is iterated."""
+    """The streaming Dataset of result batches; nothing runs until it is iterated.
+    `runner_cls`: the model stage (default `inference.ModelRunner`)."""
+    from resnet_features.extract.decode import Decode, DecodeOptions
+    from resnet_features.extract.gpu_decode import with_gpu_decode
+    from resnet_features.extract.inference import ModelRunner
+    from resnet_features.extract.outputs.grid import geometry_of
+
+    runner_cls = runner_cls or ModelRunner
     n_rows = _num_rows(listing)
     group = read_group_size(n_rows, ray.cluster_resources().get("CPU", 1),
                             cfg.decode_batch_size)
@@ -460,12 +472,11 @@ def _map_model(ds, cfg, spec, state_ref, options, outputs, runner_cls, n_inputs:
     )
 
 
-def _torchvision_version() -> str:
-    # The driver has imported it (weights entries); the module-level import would make every
-    # worker that unpickles _ModelActor import it too.
-    import torchvision
-
-    return torchvision.__version__
+def _torchvision_version() -> str | None:
+    """The installed torchvision's version (its distribution's; the driver does not import
+    torchvision, see core/weights_table.py)."""
+    torchvision = sys.modules.get("torchvision")
+    return torchvision.__version__ if torchvision else weights_table.installed_torchvision()
 def _write_stage(ds, cfg: ExtractConfig, sink: PartSink, extra_ref: list, rows_per_file: int):
     """Write tasks after the model: each takes up to `rows_per_file` result rows, writes and
     commits them as one part on its node, and returns one record. Tasks, not actors: a write
@@ -865,6 +876,9 @@ def _plan(cfg: ExtractConfig, layout: runs.RunLayout, finished: dict[str, Any] |
     No Ray call (it runs while Ray starts), except a `staged` listing's tasks (an s3:// prefix
     of images, listed by Ray tasks: Ray is up then). Raises on bad weights, outputs or
     listing; a run whose publish was cut short is published here (the JobResult)."""
+    from resnet_features.core.models import resolve_model  # torch, torchvision: see the top
+    from resnet_features.extract.outputs import build_outputs
+
     if layout.publish_pending() and not cfg.overwrite:
         log.info("run %s was complete but not fully published: publishing it now", cfg.run_id)
         manifest = layout.publish()
@@ -947,9 +961,10 @@ def _plan(cfg: ExtractConfig, layout: runs.RunLayout, finished: dict[str, Any] |
                  listed=listed)
 
 
-def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
+def run(cfg: ExtractConfig, *, runner_cls: Callable | None = None) -> JobResult:
     """Run (or resume, or finish publishing) one run of the job. Raises on bad
-    input/weights/output before any work; a finished run is a no-op unless --overwrite."""
+    input/weights/output before any work; a finished run is a no-op unless --overwrite.
+    `runner_cls`: the model stage (default `inference.ModelRunner`)."""
     started_at, t0 = storage.now_iso(), time.perf_counter()
     fs, root = storage.filesystem(cfg.output, cfg.storage_options)
     layout = runs.RunLayout(fs, root, cfg.run_id)
@@ -977,7 +992,7 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
         # the main thread, where it sets its signal handlers). Not for --incremental/
         # --retry-errors runs, which may find nothing to compute and then need no Ray at all.
         planning = _Background(lambda: _plan(cfg, layout, finished), name="plan")
-        preloading = _Background(_import_ray_data, name="import-ray-data", daemon=True)
+        preloading = _Background(_preload, name="preload", daemon=True)
         try:
             _init_ray()
         finally:
@@ -985,6 +1000,13 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable = ModelRunner) -> JobResult:
             preloading.result()
     if isinstance(plan, JobResult):
         return plan
+    # Imported by the plan already (its weights and output units): see the top of the module.
+    import torch
+
+    from resnet_features.extract.inference import InferenceOptions, precision_name
+    from resnet_features.extract.outputs import units_metadata
+    from resnet_features.extract.writer import CommitLog, PartSink, auto_rows_per_file
+
     spec, state_dict, task_fp, units = plan.spec, plan.state_dict, plan.task_fp, plan.units
     identity = plan.identity
     state, work, skipped = plan.state, plan.work, plan.skipped
