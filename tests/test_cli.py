@@ -175,6 +175,7 @@ def test_wrong_state_dict_is_refused(tmp_path, few_photos, resnet18_weights, ray
 
 def test_device_cuda_without_gpus_fails_before_any_work(monkeypatch, tmp_path):
     """--device cuda on a cluster without GPUs: a DeviceError before weights, listing or output."""
+    from resnet_features.core import models
     from resnet_features.extract import pipeline
 
     monkeypatch.setattr(pipeline, "_init_ray", lambda: None)
@@ -183,7 +184,7 @@ def test_device_cuda_without_gpus_fails_before_any_work(monkeypatch, tmp_path):
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the device check")
 
-    monkeypatch.setattr(pipeline, "resolve_model", no_work)
+    monkeypatch.setattr(models, "resolve_model", no_work)  # the plan imports it from there
     monkeypatch.setattr(pipeline, "list_inputs", no_work)
     (tmp_path / "in").mkdir()  # exists (checked first, one request), never listed
     cfg = make_cfg("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
