@@ -195,11 +195,19 @@ def _profile(wall: float, events: list[dict]) -> dict:
 
 IMPORT_SETS = {
     # what each kind of process imports (Ray unpickles these classes there)
-    "driver": "import resnet_features.cli, resnet_features.extract.pipeline, "
-              "resnet_features.core.models as m; m._weights_enum('resnet50')",
-    "model_actor": "import resnet_features.extract.pipeline, resnet_features.extract.inference",
-    "decode_worker": "import ray.data, resnet_features.extract.decode, "
-                     "resnet_features.extract.inputs",
+    # the driver: the CLI and the pipeline before Ray starts, then (on the plan and preload
+    # threads, with the cyclic GC paused, as pipeline.run does) the weights entry, the stages
+    # and Ray Data
+    "driver_before_ray": "import resnet_features.cli, resnet_features.extract.pipeline",
+    "driver": "import gc; gc.disable(); import resnet_features.cli, "
+              "resnet_features.extract.pipeline as p, resnet_features.core.models as m, "
+              "resnet_features.extract.outputs; m.named_weights('resnet50', 'DEFAULT'); "
+              "p._preload()",
+    "model_actor": "import ray.data, resnet_features.extract.pipeline, "
+                   "resnet_features.extract.inference, resnet_features.extract.outputs",
+    "decode_worker": "import ray.data, resnet_features.extract.pipeline, "
+                     "resnet_features.extract.decode, resnet_features.extract.inputs, "
+                     "resnet_features.extract.writer",
     "torch_alone": "import torch",
     "torchvision_alone": "import torchvision",
 }
