@@ -220,6 +220,45 @@ def _kill_session(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+# A private local Ray, as a driver without RAY_ADDRESS starts one: `shutdown_ray` kills its
+# autoscaler monitor before `ray.shutdown()` (which otherwise waits a second on it), and what
+# Ray started must still end with it.
+PRIVATE_RAY_CODE = """
+import os
+os.environ["RAY_ADDRESS"] = "local"
+from ray._private import ray_constants
+from resnet_features.extract import pipeline
+pipeline._init_ray()
+node = pipeline.ray._private.worker._global_node
+monitors = node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR)
+assert monitors, "no autoscaler monitor found: Ray's process table changed"
+pipeline.shutdown_ray()
+assert monitors[0].process.poll() is not None and not pipeline.ray.is_initialized()
+print("shut down")
+"""
+
+
+@pytest.mark.slow  # starts a private Ray in a subprocess
+@pytest.mark.timeout(300)
+def test_shutdown_of_a_private_ray_leaves_no_process():
+    proc = subprocess.Popen([sys.executable, "-c", PRIVATE_RAY_CODE], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0 and "shut down" in out, err[-3000:]
+    deadline = time.monotonic() + 30  # workers exit once their raylet is gone
+    while _session_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = {}
+    for pid in _session_pids(proc.pid):
+        try:
+            left[pid] = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:200]
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+    assert not left, left
+
+
 def _job(args: list[str], address: str) -> subprocess.Popen:
     """The job as a subprocess driver in a session of its own (killed as a whole), joining the
     test session's Ray at `address`: killing it loses the driver, as on a cluster."""

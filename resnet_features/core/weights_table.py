@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -21,6 +22,8 @@ from typing import Any
 from resnet_features.core.vocab import MODEL_NAMES
 
 __all__ = ["TABLE_PATH", "generate", "installed_torchvision", "load"]
+
+log = logging.getLogger(__name__)
 
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchvision_weights.json")
 
@@ -40,9 +43,14 @@ def load() -> dict[str, Any] | None:
     try:
         with open(TABLE_PATH) as f:
             table = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        log.info("weights entries read from torchvision (%s unreadable: %s)", TABLE_PATH, exc)
         return None
     if table.get("torchvision_version") != installed_torchvision():
+        log.info("weights entries read from torchvision %s (%s is for %s; regenerate it with "
+                 "`python -m resnet_features.core.weights_table` for a faster start)",
+                 installed_torchvision(), os.path.basename(TABLE_PATH),
+                 table.get("torchvision_version"))
         return None
     return table
 

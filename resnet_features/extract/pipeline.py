@@ -235,8 +235,8 @@ def _stop_autoscaler_monitor() -> None:
     gives each a second after SIGTERM; the monitor's SIGTERM handler reports its own death to
     the GCS that is already gone and never exits in that second, so every local run ended
     with a 1.0 s wait (1.4 -> 0.3 s shutdown on 2 cores). A local node's monitor has nothing
-    to scale and no state to save. Only a node this process started has one here (joining a
-    cluster leaves `_global_node` None).
+    to scale and no state to save. Only a head node this process started has one here (a
+    joined cluster's node object is not a head).
     """
     node = getattr(ray._private.worker, "_global_node", None)
     if node is None or not node.is_head():
@@ -992,8 +992,9 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable | None = None) -> JobResult:
         # thread loads the weights, lists the inputs and starts the attempt (ray.init stays on
         # the main thread, where it sets its signal handlers). Not for --incremental/
         # --retry-errors runs, which may find nothing to compute and then need no Ray at all.
-        # The cyclic GC pauses meanwhile: the threads import torch, Ray Data and pandas, whose
-        # ~10^6 new objects would trigger hundreds of collections (~20 % of the import CPU).
+        # The cyclic GC pauses while Ray starts: the threads import torch, Ray Data and pandas,
+        # whose ~10^6 new objects would trigger hundreds of collections (~20 % of the import
+        # CPU). It resumes before the plan is awaited, which may go on listing for minutes.
         collecting = gc.isenabled()
         gc.disable()
         try:
@@ -1001,9 +1002,11 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable | None = None) -> JobResult:
             preloading = _Background(_preload, name="preload", daemon=True)
             try:
                 _init_ray()
-            finally:
-                plan = planning.result()
                 preloading.result()
+            finally:
+                if collecting:
+                    gc.enable()
+                plan = planning.result()
         finally:
             if collecting:
                 gc.enable()
