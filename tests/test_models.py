@@ -7,6 +7,7 @@ import hashlib
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torchvision.models import get_model_weights
@@ -133,3 +134,27 @@ def test_named_weights_load_from_the_torch_hub_cache(monkeypatch, tmp_path, resn
     assert spec.weights_id == "ResNet18_Weights.IMAGENET1K_V1"
     ref = torch.load(resnet18_weights, weights_only=True)
     assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
+def test_weights_cross_the_object_store_as_arrays_and_come_back_equal(resnet18_weights):
+    """The driver stores the weights as numpy arrays (raw buffers, zero-copy in the actors);
+    what an actor rebuilds is the same tensors, dtypes included (bfloat16 has no numpy form and
+    stays a tensor), and the model it loads equals the one built from the file."""
+    import ray.cloudpickle
+
+    from resnet_features.extract.pipeline import weights_from_store, weights_to_store
+
+    sd = torch.load(resnet18_weights, weights_only=True)
+    sd["extra.bf16"] = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)
+    stored = weights_to_store(sd)
+    assert isinstance(stored["fc.weight"], np.ndarray)
+    assert isinstance(stored["extra.bf16"], torch.Tensor)
+    back = weights_from_store(ray.cloudpickle.loads(ray.cloudpickle.dumps(stored)))
+    assert back.keys() == sd.keys()
+    for key, value in sd.items():
+        assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+    del back["extra.bf16"], sd["extra.bf16"]
+    spec, _ = resolve_model("resnet18", resnet18_weights)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(build_model(spec, back)(x), build_model(spec, sd)(x))
