@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -158,3 +159,15 @@ def test_weights_cross_the_object_store_as_arrays_and_come_back_equal(resnet18_w
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(build_model(spec, back)(x), build_model(spec, sd)(x))
+
+
+def test_named_weights_file_with_more_than_tensors_is_refused(monkeypatch, tmp_path):
+    """The hub file loads with weights_only=True, as a state_dict file does: an object that is
+    not tensors is a WeightsError naming the file, not an unpickled payload."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = get_model_weights("resnet18").IMAGENET1K_V1.url
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    torch.save({"fc.weight": torch.zeros(1), "note": argparse.Namespace(run="anything")}, cached)
+    with pytest.raises(WeightsError, match="weights_only=True"):
+        resolve_model("resnet18", "DEFAULT")

@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 import os
+import pickle
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -165,8 +166,13 @@ def _load_named(weights: WeightsEntry) -> dict[str, torch.Tensor]:
     path = hub_checkpoint_path(weights)
     try:
         # What torchvision's `WeightsEnum.get_state_dict` calls: reads the hub cache, downloads
-        # when missing, checks the hash in the file name.
-        return torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
+        # when missing, checks the hash in the file name; tensors only (`weights_only`, which
+        # torch.hub leaves off by default), as for a state_dict file.
+        return torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True,
+                                                  map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused something in the file
+        raise WeightsError(f"weights {weights.id}: {path} does not load with weights_only=True: "
+                           f"{exc}") from exc
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; hash mismatch a RuntimeError
         raise WeightsError(
             f"weights {weights.id} are not in the torch hub cache and "
