@@ -9,6 +9,7 @@ that holds the rows) -> one small record per part back to the driver's `CommitLo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -221,6 +222,21 @@ def _preload() -> None:
     except ImportError:  # moved in another Ray version: imported on first use, as before
         log.debug("Ray Data's streaming executor module was not found to preload")
     from resnet_features.extract import decode, gpu_decode, inference, writer  # noqa: F401
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """The cyclic GC off while Ray starts: the driver's threads import torch, Ray Data and
+    pandas meanwhile, whose ~10^6 new objects would trigger hundreds of collections (~20 % of
+    the import CPU). It resumes before the plan is awaited, which may go on listing for
+    minutes."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 #: Whether this process started (or joined) Ray itself, so `shutdown_ray` should end it.
@@ -1017,24 +1033,14 @@ def run(cfg: ExtractConfig, *, runner_cls: Callable | None = None) -> JobResult:
         # thread loads the weights, lists the inputs and starts the attempt (ray.init stays on
         # the main thread, where it sets its signal handlers). Not for --incremental/
         # --retry-errors runs, which may find nothing to compute and then need no Ray at all.
-        # The cyclic GC pauses while Ray starts: the threads import torch, Ray Data and pandas,
-        # whose ~10^6 new objects would trigger hundreds of collections (~20 % of the import
-        # CPU). It resumes before the plan is awaited, which may go on listing for minutes.
-        collecting = gc.isenabled()
-        gc.disable()
+        planning = _Background(lambda: _plan(cfg, layout, finished), name="plan")
         try:
-            planning = _Background(lambda: _plan(cfg, layout, finished), name="plan")
-            preloading = _Background(_preload, name="preload", daemon=True)
-            try:
+            with _gc_paused():
+                preloading = _Background(_preload, name="preload", daemon=True)
                 _init_ray()
                 preloading.result()
-            finally:
-                if collecting:
-                    gc.enable()
-                plan = planning.result()
         finally:
-            if collecting:
-                gc.enable()
+            plan = planning.result()
     if isinstance(plan, JobResult):
         return plan
     # Imported by the plan already (its weights and output units): see the top of the module.
