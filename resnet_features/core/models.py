@@ -57,18 +57,7 @@ class Preprocessing:
 
     @classmethod
     def from_weights(cls, weights: WeightsEnum) -> Preprocessing:
-        t = weights.transforms()
-        (resize,) = t.resize_size
-        (crop,) = t.crop_size
-        return cls(
-            resize_size=int(resize),
-            crop_size=int(crop),
-            mean=tuple(float(x) for x in t.mean),
-            std=tuple(float(x) for x in t.std),
-            interpolation=t.interpolation.value,
-            antialias=bool(t.antialias),
-            source=f"{type(weights).__name__}.{weights.name}",
-        )
+        return WeightsEntry.from_torchvision(weights).preprocessing
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,9 +93,19 @@ class WeightsEntry:
 
     @classmethod
     def from_torchvision(cls, weights: WeightsEnum) -> WeightsEntry:
-        return cls(enum=type(weights).__name__, name=weights.name, url=weights.url,
-                   preprocessing=Preprocessing.from_weights(weights),
-                   categories=tuple(weights.meta["categories"]))
+        data = weights_table.entry_data(weights)
+        return cls.from_data(type(weights).__name__, weights.name, data, data["categories"])
+
+    @classmethod
+    def from_data(cls, enum: str, name: str, data: dict[str, Any],
+                  categories: list[str]) -> WeightsEntry:
+        """From `weights_table.entry_data`'s form (a table row, its categories resolved)."""
+        prep = data["preprocessing"]
+        return cls(enum=enum, name=name, url=data["url"],
+                   preprocessing=Preprocessing(**{**prep, "mean": tuple(prep["mean"]),
+                                                  "std": tuple(prep["std"])},
+                                               source=f"{enum}.{name}"),
+                   categories=tuple(categories))
 
 
 def _weights_enum(model: str) -> type[WeightsEnum]:
@@ -129,15 +128,9 @@ def _model_entries(model: str) -> tuple[str, str, dict[str, WeightsEntry]]:
         return (enum.__name__, enum.DEFAULT.name,
                 {w.name: WeightsEntry.from_torchvision(w) for w in enum})
     row = table["models"][model]
-    entries = {
-        name: WeightsEntry(
-            enum=row["enum"], name=name, url=e["url"],
-            preprocessing=Preprocessing(
-                resize_size=e["resize_size"], crop_size=e["crop_size"], mean=tuple(e["mean"]),
-                std=tuple(e["std"]), interpolation=e["interpolation"],
-                antialias=e["antialias"], source=f"{row['enum']}.{name}"),
-            categories=tuple(table["categories"][e["categories"]]))
-        for name, e in row["entries"].items()}
+    entries = {name: WeightsEntry.from_data(row["enum"], name, data,
+                                            table["categories"][data["categories"]])
+               for name, data in row["entries"].items()}
     return row["enum"], row["default"], entries
 
 

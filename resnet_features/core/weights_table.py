@@ -55,8 +55,25 @@ def load() -> dict[str, Any] | None:
     return table
 
 
+def entry_data(weights: Any) -> dict[str, Any]:
+    """A torchvision weights entry (a `WeightsEnum` member) as the table stores it: the one
+    place an entry is read (`models.WeightsEntry.from_torchvision` builds on it too)."""
+    t = weights.transforms()
+    (resize,) = t.resize_size
+    (crop,) = t.crop_size
+    return {
+        "url": weights.url,
+        "preprocessing": {"resize_size": int(resize), "crop_size": int(crop),
+                          "mean": [float(x) for x in t.mean], "std": [float(x) for x in t.std],
+                          "interpolation": t.interpolation.value,
+                          "antialias": bool(t.antialias)},
+        "categories": list(weights.meta["categories"]),
+    }
+
+
 def generate() -> dict[str, Any]:
-    """The table, read from the installed torchvision's weights enums (imports torchvision)."""
+    """The table, read from the installed torchvision's weights enums (imports torchvision).
+    Category lists are stored once and referred to by index (every entry has ImageNet's)."""
     from torchvision.models import get_model_weights
 
     categories: list[list[str]] = []
@@ -65,22 +82,11 @@ def generate() -> dict[str, Any]:
         enum = get_model_weights(model)
         entries = {}
         for weights in enum:
-            t = weights.transforms()
-            cats = list(weights.meta["categories"])
-            if cats not in categories:
-                categories.append(cats)
-            (resize,) = t.resize_size
-            (crop,) = t.crop_size
-            entries[weights.name] = {
-                "url": weights.url,
-                "resize_size": int(resize),
-                "crop_size": int(crop),
-                "mean": [float(x) for x in t.mean],
-                "std": [float(x) for x in t.std],
-                "interpolation": t.interpolation.value,
-                "antialias": bool(t.antialias),
-                "categories": categories.index(cats),
-            }
+            data = entry_data(weights)
+            if data["categories"] not in categories:
+                categories.append(data["categories"])
+            data["categories"] = categories.index(data["categories"])
+            entries[weights.name] = data
         models[model] = {"enum": enum.__name__, "default": enum.DEFAULT.name, "entries": entries}
     return {"torchvision_version": installed_torchvision(), "models": models,
             "categories": categories}
